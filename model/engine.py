@@ -1,0 +1,445 @@
+"""Adaptive generation: prefill at full depth, then every new token loop by loop under a policy.
+
+``stream(model, tokenizer, prompt, policy=...)`` yields one ``TokenStep`` per generated token
+(its ``.trace`` grows as it goes); ``generate(...)`` runs it to the end and returns the trace.
+
+KV for tokens that stop early (``kv_mode``):
+
+- ``"copy"``: CALM's state copying. The exited hidden state stands in for the deeper loops: its
+  keys and values are computed from it at every skipped position (approximate, cheap).
+- ``"sync"``: FREE's synchronised parallel decoding. Exited tokens wait in a stack; when a later
+  token runs loop r, the waiting tokens that lack loop r run it too, in the same batched call, at
+  their own positions. The cache then equals a full-depth forward pass over the same tokens.
+
+A sequence keeps this invariant: at every layer position the tokens holding KV form a prefix, so
+waiting tokens are always a contiguous suffix and a plain causal mask is exact.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .compute import CostModel, add_into
+from .modeling import RecursiveForCausalLM, causal_mask
+from .policies import DepthPolicy, FixedDepth, Observation
+from .trace import GenerationTrace, LoopSignal, TokenStep
+
+KV_MODES = ("copy", "sync")
+TOP_K_SHOWN = 5
+
+
+class EngineInputError(ValueError):
+    """Invalid generation input or settings; the message says what is accepted."""
+
+
+@dataclass
+class Sampling:
+    """Decoding settings. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.temperature <= 5.0:
+            raise EngineInputError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 1.0 <= self.repetition_penalty <= 3.0:
+            raise EngineInputError(f"repetition_penalty must be in [1, 3], got {self.repetition_penalty}")
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature > 0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@dataclass
+class _Waiting:
+    """An exited token whose deeper loops are not computed yet ("sync" mode)."""
+
+    position: int
+    hidden: torch.Tensor  # (1, 1, d) residual stream after ``depth`` loops
+    depth: int
+
+
+@dataclass
+class _StepResult:
+    logits: torch.Tensor  # (V,) exit logits
+    depth: int
+    reason: str
+    loops: list[LoopSignal]
+    flops: dict[str, float]
+    inspected_flops: float
+    caught_up: int
+
+
+def as_recursive(model: PreTrainedModel) -> RecursiveForCausalLM:
+    """A recursive model as is; a plain Llama model as a 1-loop recursive model (exactly the same)."""
+    if isinstance(model, RecursiveForCausalLM):
+        return model
+    from .recursify import recursify
+
+    return recursify(model, num_loops=1, base_name=getattr(model.config, "_name_or_path", None))
+
+
+class AdaptiveDecoder:
+    """One sequence's KV cache and the loop-by-loop step. Used by ``stream`` (and by tests)."""
+
+    def __init__(self, model: RecursiveForCausalLM, policy: DepthPolicy, kv_mode: str = "sync",
+                 max_loops: int | None = None, inspect: bool = False):
+        if kv_mode not in KV_MODES:
+            raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+        self.model = model
+        self.inner = model.model
+        self.cfg = model.config
+        self.policy = policy
+        self.kv_mode = kv_mode
+        self.max_loops = self.cfg.num_loops if max_loops is None else max_loops
+        if not 1 <= self.max_loops <= self.cfg.num_loops:
+            raise EngineInputError(f"max_loops must be in 1..{self.cfg.num_loops}, got {max_loops}")
+        self.inspect = inspect
+        self.costs = CostModel.from_model(model)
+        self.cache = DynamicCache()
+        self.length = 0  # tokens fed so far == next position
+        self.waiting: list[_Waiting] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.embed_tokens.weight.device
+
+    # --- prefill ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> float:
+        """Run ``ids`` at full depth into the cache; returns the FLOPs spent."""
+        if not ids:
+            return 0.0
+        x = torch.tensor([ids], device=self.device)
+        self.inner(input_ids=x, past_key_values=self.cache, use_cache=True)
+        flops = sum(self.costs.full_token(self.length + i + 1) - self.costs.head() for i in range(len(ids)))
+        self.length += len(ids)
+        return flops
+
+    # --- one token ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, token_id: int) -> _StepResult:
+        """Feed one token; run loops until the policy stops it; return its exit logits and record."""
+        pos, cfg, costs = self.length, self.cfg, self.costs
+        self.length += 1
+        ctx = pos + 1
+        flops: dict[str, float] = {}
+        inspected = 0.0
+        pos_ids = torch.tensor([[pos]], device=self.device)
+        h = self.inner.embed_tokens(torch.tensor([[token_id]], device=self.device))
+        rope = self.inner.rope(h, pos_ids)
+        h = self.inner.run_positions(h, cfg.prelude_positions, rope, None, self.cache)
+        add_into(flops, costs.layers(cfg.prelude_positions, ctx))
+        loops: list[LoopSignal] = []
+        caught_up: set[int] = set()
+        logits = None
+        for loop in range(1, self.max_loops + 1):
+            entering = h
+            h, rows = self._run_loop(h, pos, loop, rope)
+            caught_up.update(rows)
+            add_into(flops, costs.layers(cfg.loop_positions(loop), ctx))
+            for row_pos in rows:
+                add_into(flops, costs.layers(cfg.loop_positions(loop), row_pos + 1), key="catchup")
+                if loop == cfg.num_loops:  # their coda KV is recomputed from the full-depth state
+                    add_into(flops, costs.layers(cfg.coda_positions, row_pos + 1), key="catchup")
+            logits = None
+            want_logits = self.policy.needs_logits or self.inspect
+            if want_logits:
+                logits = self._probe(h, rope)
+                probe_cost = sum(costs.layers(cfg.coda_positions, ctx).values()) + costs.head()
+                if self.policy.needs_logits:
+                    add_into(flops, {"decision": probe_cost + costs.softmax_signals()})
+                else:
+                    inspected += probe_cost
+            probs = torch.softmax(logits.float(), -1) if logits is not None else None
+            obs = Observation(loop, self.max_loops, h[0, 0], entering[0, 0], probs)
+            if self.policy.decision_cost == "cosine" and loop < self.max_loops:
+                add_into(flops, {"decision": costs.cosine()})
+            stop, reason = self.policy.decide(obs)
+            loops.append(_loop_signal(loop, self.policy, obs, probs, self._top_tokens))
+            if stop:
+                break
+            if logits is not None and cfg.num_coda:
+                self._uncache_coda()
+        depth = loop
+        if logits is None:
+            logits = self.model.exit_logits(h, rope, None, self.cache)[0, -1]
+        elif self.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
+            flops["decision"] -= sum(costs.layers(cfg.coda_positions, ctx).values()) + costs.head()
+        add_into(flops, costs.layers(cfg.coda_positions, ctx))
+        add_into(flops, {"head": costs.head()})
+        self._store_deeper_kv(h, pos, depth, rope, flops)
+        return _StepResult(logits, depth, reason, loops, flops, inspected, len(caught_up))
+
+    def _run_loop(self, h: torch.Tensor, pos: int, loop: int, rope) -> tuple[torch.Tensor, list[int]]:
+        """Run loop ``loop`` for the current token, plus (sync) the waiting tokens that lack it."""
+        rows = [w for w in self.waiting if w.depth == loop - 1] if self.kv_mode == "sync" else []
+        if not rows:
+            return self.inner.run_positions(h, self.cfg.loop_positions(loop), rope, None, self.cache), []
+        x = self._advance(rows, loop, current=(h, pos))
+        return x[:, -1:], [w.position for w in rows]
+
+    def _advance(self, rows: list[_Waiting], loop: int, current=None) -> torch.Tensor:
+        """Run loop ``loop`` on waiting ``rows`` (+ the current token) in one batched, causal call.
+
+        Rows that reach the last loop also get their coda KV recomputed from the full-depth state
+        (it was written from their exit state when they left).
+        """
+        states = [w.hidden for w in rows] + ([current[0]] if current else [])
+        positions = [w.position for w in rows] + ([current[1]] if current else [])
+        x = self._run_batch(torch.cat(states, dim=1), positions, self.cfg.loop_positions(loop))
+        for i, w in enumerate(rows):
+            w.hidden, w.depth = x[:, i : i + 1], loop
+        done = [w for w in rows if w.depth == self.cfg.num_loops]
+        if done and self.cfg.num_coda:
+            for p in self.cfg.coda_positions:
+                self.cache.layers[p].crop(-len(done))
+            self._run_batch(torch.cat([w.hidden for w in done], dim=1), [w.position for w in done],
+                            self.cfg.coda_positions)
+        self.waiting = [w for w in self.waiting if w.depth < self.cfg.num_loops]
+        return x
+
+    def _run_batch(self, x: torch.Tensor, positions: list[int], layer_positions) -> torch.Tensor:
+        """Run consecutive tokens ``x`` (1, m, d) at their own positions through ``layer_positions``."""
+        pos_ids = torch.tensor([positions], device=self.device)
+        past = self.cache.get_seq_length(layer_positions[0])
+        mask = causal_mask(x.shape[1], past + x.shape[1], x.dtype, x.device)
+        return self.inner.run_positions(x, layer_positions, self.inner.rope(x, pos_ids), mask, self.cache)
+
+    def _probe(self, h: torch.Tensor, rope) -> torch.Tensor:
+        """Exit logits after the current loop (coda layers write KV; undone if the token goes on)."""
+        return self.model.exit_logits(h, rope, None, self.cache)[0, -1]
+
+    def _uncache_coda(self) -> None:
+        for p in self.cfg.coda_positions:
+            self.cache.layers[p].crop(-1)
+
+    def _store_deeper_kv(self, h: torch.Tensor, pos: int, depth: int, rope, flops: dict) -> None:
+        """Give the loops this token skipped their KV: now (copy) or later (sync)."""
+        if depth >= self.cfg.num_loops:
+            return
+        if self.kv_mode == "sync":
+            self.waiting.append(_Waiting(pos, h, depth))
+            return
+        for loop in range(depth + 1, self.cfg.num_loops + 1):
+            for p in self.cfg.loop_positions(loop):
+                layer = self.inner.layers[p]
+                x = layer.input_layernorm(h)
+                shape = (1, 1, -1, self.cfg.head_dim)
+                k = layer.self_attn.k_proj(x).view(shape).transpose(1, 2)
+                v = layer.self_attn.v_proj(x).view(shape).transpose(1, 2)
+                _, k = apply_rotary_pos_emb(k, k, *rope)
+                self.cache.update(k, v, p)
+                add_into(flops, {"kv_copy": self.costs.kv_copy()})
+
+    @torch.no_grad()
+    def flush(self) -> int:
+        """("sync") Compute the deeper loops of every waiting token now; returns how many there were.
+
+        Afterwards the cache equals a full-depth forward pass over all fed tokens.
+        """
+        count = len(self.waiting)
+        while self.waiting:
+            # the shallowest waiting tokens are the latest ones; earlier tokens already hold their next loop
+            depth = min(w.depth for w in self.waiting)
+            self._advance([w for w in self.waiting if w.depth == depth], depth + 1)
+        return count
+
+    def kv_entries(self) -> tuple[int, int]:
+        """(entries held, entries a full-depth cache would hold) over all layer positions."""
+        held = sum(self.cache.get_seq_length(p) for p in range(self.cfg.num_hidden_layers))
+        return held, self.length * self.cfg.num_hidden_layers
+
+    _tokenizer = None
+
+    def _top_tokens(self, probs: torch.Tensor) -> list[tuple[str, float]]:
+        top = torch.topk(probs, TOP_K_SHOWN)
+        decode = self._tokenizer.decode if self._tokenizer is not None else str
+        return [(decode([int(i)]) if self._tokenizer is not None else str(int(i)), float(p))
+                for p, i in zip(top.values, top.indices)]
+
+
+def _loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_tokens) -> LoopSignal:
+    soft = obs.softmax_signals()
+    return LoopSignal(
+        loop=loop,
+        signal=policy.signal(obs),
+        max_prob=soft.get("max_prob"),
+        top2_gap=soft.get("top2_gap"),
+        certainty=soft.get("certainty"),
+        change=obs.cosine(),
+        top_tokens=top_tokens(probs) if probs is not None else None,
+    )
+
+
+# --- the public API ----------------------------------------------------------------------------
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids for ``prompt`` (rendered with the chat template when ``chat``)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EngineInputError("the prompt is empty: type some text")
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise EngineInputError("this tokenizer has no chat template: turn the chat option off")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+class Stream:
+    """Iterate to get ``TokenStep``s as they are produced; ``.trace`` holds everything so far."""
+
+    def __init__(self, model, tokenizer, prompt: str, policy: DepthPolicy | None = None,
+                 max_new_tokens: int = 64, kv_mode: str = "sync", max_loops: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 seed: int = 0, chat: bool = False, stop: list[str] | None = None, inspect: bool = False,
+                 model_name: str | None = None, max_prompt_tokens: int | None = None):
+        model = as_recursive(model)
+        policy = policy or FixedDepth(model.config.num_loops)
+        self.sampling = Sampling(temperature, top_p, repetition_penalty, seed)
+        self.sampling.validate()
+        if not 1 <= max_new_tokens <= 4096:
+            raise EngineInputError(f"max_new_tokens must be in 1..4096, got {max_new_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_ids = encode_prompt(tokenizer, prompt, chat)
+        limit = max_prompt_tokens or (model.config.max_position_embeddings - max_new_tokens)
+        if len(self.prompt_ids) > limit:
+            raise EngineInputError(f"the prompt has {len(self.prompt_ids)} tokens; at most {limit} fit")
+        self.decoder = AdaptiveDecoder(model, policy, kv_mode, max_loops, inspect)
+        self.decoder._tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.stop = [s for s in (stop or []) if s]
+        self.eos_ids = _eos_ids(model, tokenizer)
+        settings = {**policy.describe(), "kv_mode": kv_mode, "max_loops": self.decoder.max_loops,
+                    "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                    "repetition_penalty": repetition_penalty, "seed": seed, "chat": chat,
+                    "inspect": inspect, "stop": self.stop}
+        self.trace = GenerationTrace(prompt=prompt, prompt_tokens=len(self.prompt_ids), settings=settings,
+                                     model=describe_model(model, model_name))
+        if model.config.training is None and model.config.num_loops > 1:
+            self.trace.notes.append("untrained conversion: early exits of a converted model are poor until it is "
+                                    "trained (intermediate loops disagree with the last one for most tokens)")
+        self._gen = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenStep:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop generating (e.g. the client went away)."""
+        if self.trace.finish_reason is None:
+            self.trace.finish_reason = "cancelled"
+        self._gen.close()
+
+    def _run(self):
+        dec, trace = self.decoder, self.trace
+        start = time.perf_counter()
+        trace.prefill = {"tokens": len(self.prompt_ids) - 1, "flops": dec.prefill(self.prompt_ids[:-1])}
+        trace.prefill["wall_ms"] = 1000 * (time.perf_counter() - start)
+        generator = torch.Generator().manual_seed(self.sampling.seed)
+        processors = self.sampling.processors()
+        ids = list(self.prompt_ids)
+        generated: list[int] = []
+        text_so_far = ""
+        for index in range(self.max_new_tokens):
+            t0 = time.perf_counter()
+            result = dec.step(ids[-1])
+            token = _choose(result.logits, ids, processors, self.sampling.temperature, generator)
+            wall_ms = 1000 * (time.perf_counter() - t0)
+            if token in self.eos_ids:
+                trace.finish_reason = "eos"
+                return
+            generated.append(token)
+            ids.append(token)
+            full_text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            piece, text_so_far = full_text[len(text_so_far):], full_text
+            kv, kv_full = dec.kv_entries()
+            step = TokenStep(
+                index=index, position=dec.length - 1, token_id=token, text=piece, depth=result.depth,
+                max_depth=dec.max_loops, exit_reason=result.reason, signal_name=dec.policy.signal_name,
+                threshold=dec.policy.threshold, loops=result.loops, flops=result.flops,
+                flops_full=dec.costs.full_token(dec.length), kv_entries=kv, kv_entries_full=kv_full,
+                caught_up=result.caught_up, wall_ms=wall_ms, inspected_flops=result.inspected_flops,
+            )
+            trace.steps.append(step)
+            yield step
+            if any(s in text_so_far for s in self.stop):
+                trace.finish_reason = "stop"
+                return
+        trace.finish_reason = "length"
+
+
+def stream(model, tokenizer, prompt: str, policy: DepthPolicy | None = None, **settings) -> Stream:
+    """Start an adaptive generation; iterate the result for ``TokenStep``s (see ``Stream``)."""
+    return Stream(model, tokenizer, prompt, policy, **settings)
+
+
+def generate(model, tokenizer, prompt: str, policy: DepthPolicy | None = None, **settings) -> GenerationTrace:
+    """Run an adaptive generation to the end and return its ``GenerationTrace``."""
+    s = stream(model, tokenizer, prompt, policy, **settings)
+    for _ in s:
+        pass
+    return s.trace
+
+
+def _choose(logits: torch.Tensor, ids: list[int], processors, temperature: float, generator) -> int:
+    scores = processors(torch.tensor([ids]), logits.float()[None])
+    if temperature == 0:
+        return int(scores.argmax(-1))
+    probs = torch.softmax(scores, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids
+
+
+def describe_model(model: RecursiveForCausalLM, name: str | None = None) -> dict:
+    """What the trace says about the model (the dashboard's Model tab reads this)."""
+    cfg = model.config
+    return {
+        "name": name or cfg.base_model or "recursive model",
+        "base_model": cfg.base_model,
+        "sharing": cfg.sharing if cfg.num_loops > 1 else "none",
+        "num_loops": cfg.num_loops,
+        "block_size": cfg.block_size,
+        "num_prelude": cfg.num_prelude,
+        "num_coda": cfg.num_coda,
+        "num_positions": cfg.num_hidden_layers,
+        "layer_map": list(cfg.layer_map),
+        "source_layers": cfg.source_layers,
+        "init_method": cfg.init_method,
+        "lora_rank": "full" if cfg.lora_full_rank else cfg.lora_rank,
+        "parameters": model.parameter_counts(),
+        "head_flops": CostModel.from_model(model).head(),
+        "training": cfg.training,
+    }

@@ -1,0 +1,147 @@
+"""Depth policies: after loop r, given what was observed, does this token stop?
+
+A policy is a small object with one question, ``decide(obs) -> (stop, reason)``, plus what it
+needs to answer it: ``needs_logits`` (softmax signals cost an LM head per loop; the engine
+computes them only for policies that ask) and ``signal(obs)`` (the number shown per loop). Every
+policy stops at the last loop ("max depth").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CONFIDENCE_MEASURES = ("max_prob", "top2_gap", "entropy")
+
+
+@dataclass
+class Observation:
+    """What the engine saw after loop ``loop`` for one token."""
+
+    loop: int
+    max_loops: int
+    hidden: torch.Tensor  # (d,) residual stream after this loop
+    previous: torch.Tensor  # (d,) residual stream entering this loop
+    probs: torch.Tensor | None = None  # (V,) exit distribution, only if needs_logits (or inspected)
+
+    def softmax_signals(self) -> dict[str, float]:
+        if self.probs is None:
+            return {}
+        top2 = torch.topk(self.probs, 2).values
+        entropy = -(self.probs * torch.log(self.probs.clamp_min(1e-12))).sum()
+        return {
+            "max_prob": float(top2[0]),
+            "top2_gap": float(top2[0] - top2[1]),
+            "certainty": float(1 - entropy / math.log(self.probs.numel())),
+        }
+
+    def cosine(self) -> float:
+        return float(torch.nn.functional.cosine_similarity(self.hidden.float(), self.previous.float(), dim=0))
+
+
+class DepthPolicy:
+    """Base class. Subclasses set ``name``, ``needs_logits``, ``signal_name`` and ``threshold``."""
+
+    name = "policy"
+    needs_logits = False
+    signal_name: str | None = None
+    threshold: float | None = None
+    decision_cost = "none"  # "softmax" | "cosine" | "none": what compute.CostModel charges per loop
+
+    def signal(self, obs: Observation) -> float | None:
+        return None
+
+    def decide(self, obs: Observation) -> tuple[bool, str]:
+        if obs.loop >= obs.max_loops:
+            return True, "max depth"
+        value = self.signal(obs)
+        if value is not None and self.threshold is not None and value >= self.threshold:
+            return True, f"{self.signal_name} {value:.2f} >= {self.threshold:.2f}"
+        return False, ""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "threshold": self.threshold, "signal": self.signal_name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+class FixedDepth(DepthPolicy):
+    """Every token runs exactly ``depth`` loops (static exit; ``depth`` is capped at the model's loops)."""
+
+    name = "fixed"
+
+    def __init__(self, depth: int):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+
+    def decide(self, obs: Observation) -> tuple[bool, str]:
+        if obs.loop >= min(self.depth, obs.max_loops):
+            return True, f"fixed depth {min(self.depth, obs.max_loops)}"
+        return False, ""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "depth": self.depth}
+
+
+class Confidence(DepthPolicy):
+    """Stop when the exit distribution is confident: ``measure >= threshold`` (CALM / FREE style).
+
+    ``max_prob``: top-1 probability; ``top2_gap``: top-1 minus top-2 (FREE's measure);
+    ``entropy``: certainty ``1 - H(p)/log V``. All lie in [0, 1]. Costs an LM head per loop.
+    """
+
+    name = "confidence"
+    needs_logits = True
+    decision_cost = "softmax"
+
+    def __init__(self, threshold: float = 0.8, measure: str = "max_prob"):
+        if measure not in CONFIDENCE_MEASURES:
+            raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold = threshold
+        self.measure = measure
+        self.signal_name = "certainty" if measure == "entropy" else measure
+
+    def signal(self, obs: Observation) -> float | None:
+        return obs.softmax_signals().get(self.signal_name)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "measure": self.measure}
+
+
+class Saturation(DepthPolicy):
+    """Stop when a loop barely changes the residual stream: cosine(h_r, h_{r-1}) >= threshold.
+
+    Needs no LM head: the decision costs one cosine similarity.
+    """
+
+    name = "saturation"
+    signal_name = "cosine"
+    decision_cost = "cosine"
+
+    def __init__(self, threshold: float = 0.95):
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+        self.threshold = threshold
+
+    def signal(self, obs: Observation) -> float | None:
+        return obs.cosine()
+
+
+POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation}
+
+
+def make_policy(name: str, threshold: float | None = None, depth: int | None = None,
+                measure: str = "max_prob") -> DepthPolicy:
+    """Build a policy from plain settings (CLI, dashboard)."""
+    if name == "fixed":
+        return FixedDepth(depth or 1)
+    if name == "confidence":
+        return Confidence(0.8 if threshold is None else threshold, measure)
+    if name == "saturation":
+        return Saturation(0.95 if threshold is None else threshold)
+    raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")

@@ -1,0 +1,123 @@
+"""The contract between the engine and everything that shows or measures it: plain dataclasses.
+
+A ``GenerationTrace`` is what one generation did, token by token: how deep each token went, why it
+stopped, the per-loop signals, and what it cost. ``to_dict()``/``from_dict()`` round-trip through
+JSON, so the dashboard, the benchmarks and the CLI all read the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LoopSignal:
+    """What was observed after one loop of one token."""
+
+    loop: int  # 1-based loop index
+    signal: float | None = None  # the policy's exit signal (confidence, cosine, halting, router score)
+    max_prob: float | None = None  # softmax confidence, where logits were computed
+    top2_gap: float | None = None
+    certainty: float | None = None  # 1 - entropy / log(vocab)
+    change: float | None = None  # cosine similarity of the residual stream with the previous loop's
+    top_tokens: list[tuple[str, float]] | None = None  # top-5 (text, probability) where logits exist
+    extra: dict | None = None  # policy-specific signals (e.g. per-recursion router scores)
+
+
+@dataclass
+class TokenStep:
+    """One generated token."""
+
+    index: int  # 0-based index among generated tokens
+    position: int  # absolute position of the input token whose forward produced this one
+    token_id: int
+    text: str
+    depth: int  # loops run to produce this token
+    max_depth: int
+    exit_reason: str  # e.g. "max_prob 0.91 >= 0.80", "fixed depth 2", "max depth"
+    signal_name: str | None  # what LoopSignal.signal measures for this policy
+    threshold: float | None
+    loops: list[LoopSignal]
+    flops: dict[str, float]  # FLOPs spent in this step, by component (catch-up and decisions included)
+    flops_full: float  # FLOPs the same step costs at full depth without decisions
+    kv_entries: int  # (token, layer position) KV entries the cache holds after this step
+    kv_entries_full: int  # ... at full depth
+    caught_up: int = 0  # "sync": earlier exited tokens whose deeper KV was computed in this step
+    wall_ms: float = 0.0
+    inspected_flops: float = 0.0  # logits computed only for display (not counted in ``flops``)
+
+    @property
+    def total_flops(self) -> float:
+        return float(sum(self.flops.values()))
+
+
+# FLOP components that are decoder-layer work (the rest: "head" for the emitted token, "decision")
+LAYER_COMPONENTS = ("attn_proj", "attn_context", "mlp", "lora", "norm", "catchup", "kv_copy")
+
+
+@dataclass
+class GenerationTrace:
+    """A whole generation: prompt, settings, model description and the steps."""
+
+    prompt: str
+    prompt_tokens: int
+    settings: dict
+    model: dict  # description: name, scheme, loops, parameter counts...
+    steps: list[TokenStep] = field(default_factory=list)
+    prefill: dict = field(default_factory=dict)  # {"tokens", "flops", "wall_ms"}
+    finish_reason: str | None = None  # "eos", "length", "stop", "cancelled"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.steps)
+
+    def totals(self) -> dict:
+        """Aggregates over the generated tokens (prefill excluded; it runs at full depth)."""
+        n = len(self.steps)
+        wall_s = sum(s.wall_ms for s in self.steps) / 1000
+        used = sum(s.total_flops for s in self.steps)
+        full = sum(s.flops_full for s in self.steps)
+        head_full = self.model.get("head_flops", 0.0) * n
+        block_used = sum(s.flops.get(c, 0.0) for s in self.steps for c in LAYER_COMPONENTS)
+        block_full = full - head_full
+        kv = self.steps[-1].kv_entries if self.steps else 0
+        kv_full = self.steps[-1].kv_entries_full if self.steps else 0
+        depths = [s.depth for s in self.steps]
+        max_depth = self.steps[0].max_depth if self.steps else self.model.get("num_loops", 0)
+        return {
+            "tokens": n,
+            "avg_depth": sum(depths) / n if n else 0.0,
+            "max_depth": max_depth,
+            "depth_counts": [depths.count(d) for d in range(1, max_depth + 1)],  # tokens at depth 1..max
+            "flops_used": used,
+            "flops_full": full,
+            "flops_saved_pct": 100 * (1 - used / full) if full else 0.0,
+            "block_flops_used": block_used,
+            "block_flops_full": block_full,
+            "block_flops_saved_pct": 100 * (1 - block_used / block_full) if block_full else 0.0,
+            "ideal_speedup": full / used if used else 1.0,
+            "kv_entries": kv,
+            "kv_entries_full": kv_full,
+            "kv_saved_pct": 100 * (1 - kv / kv_full) if kv_full else 0.0,
+            "wall_s": wall_s,
+            "tokens_per_s": n / wall_s if wall_s else 0.0,
+            "caught_up_tokens": sum(s.caught_up for s in self.steps),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["text"] = self.text
+        d["totals"] = self.totals()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationTrace":
+        steps = []
+        for s in d.get("steps", []):
+            s = dict(s)
+            s["loops"] = [LoopSignal(**{**l, "top_tokens": [tuple(t) for t in l["top_tokens"]]
+                                        if l.get("top_tokens") is not None else None}) for l in s["loops"]]
+            steps.append(TokenStep(**s))
+        keep = {k: d[k] for k in ("prompt", "prompt_tokens", "settings", "model", "prefill",
+                                  "finish_reason", "notes") if k in d}
+        return cls(**keep, steps=steps)

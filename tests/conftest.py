@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Llama models (fast) and the real SmolLM2 default (session-cached)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model.policies import DepthPolicy
+
+
+def tiny_llama(layers: int = 6, vocab: int = 256, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random 64-wide Llama (GQA: 4 query heads, 2 KV heads); builds in milliseconds."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=512, eos_token_id=2, bos_token_id=1, **overrides)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms so that per-position norms matter in the tests
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+class RandomExits(DepthPolicy):
+    """Exits after each loop with probability ``p`` (seeded): exercises every KV path."""
+
+    name = "random"
+
+    def __init__(self, p: float = 0.5, seed: int = 0):
+        self.p, self.rng = p, random.Random(seed)
+
+    def decide(self, obs):
+        if obs.loop >= obs.max_loops:
+            return True, "max depth"
+        return self.rng.random() < self.p, "random"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from model import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """(model, tokenizer) of the real embedded SmolLM2-135M-Instruct."""
+    from model import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_vocab_llama(smol_tokenizer):
+    """A tiny random Llama with SmolLM2's vocabulary, so the real tokenizer drives it."""
+    return tiny_llama(vocab=len(smol_tokenizer))
