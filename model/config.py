@@ -35,6 +35,7 @@ class RecursiveConfig(LlamaConfig):
     lora_rank: int = 0  # per-position LoRA rank on the looped positions; 0 = none
     lora_full_rank: bool = False  # True: each projection uses min(d_in, d_out) (exact relaxation)
     lora_targets: list[str] | None = None  # which projections carry LoRA (default: all seven)
+    halting_hidden: int = 0  # > 0: a learned halting head per loop boundary with this hidden width
     base_model: str | None = None  # name or path of the model this was converted from
     training: dict | None = None  # how it was trained: command, data, tokens seen, evaluation
 

@@ -107,6 +107,9 @@ class AdaptiveDecoder:
                  max_loops: int | None = None, inspect: bool = False):
         if kv_mode not in KV_MODES:
             raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+        if policy.needs_halting and not model.has_halting_heads:
+            raise EngineInputError("the halting policy needs a model trained with halting heads "
+                                   "(python -m model.train exits); pick another policy")
         self.model = model
         self.inner = model.model
         self.cfg = model.config
@@ -174,6 +177,9 @@ class AdaptiveDecoder:
                     inspected += probe_cost
             probs = torch.softmax(logits.float(), -1) if logits is not None else None
             obs = Observation(loop, self.max_loops, h[0, 0], entering[0, 0], probs)
+            if self.policy.needs_halting and loop < cfg.num_loops:
+                obs.halting = float(torch.sigmoid(self.model.halting_logit(loop, h)[0, -1]))
+                add_into(flops, {"decision": costs.halting(cfg.halting_hidden)})
             if self.policy.decision_cost == "cosine" and loop < self.max_loops:
                 add_into(flops, {"decision": costs.cosine()})
             stop, reason = self.policy.decide(obs)
@@ -289,6 +295,7 @@ def _loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_to
         top2_gap=soft.get("top2_gap"),
         certainty=soft.get("certainty"),
         change=obs.cosine(),
+        extra={"halting": obs.halting} if obs.halting is not None else None,
         top_tokens=top_tokens(probs) if probs is not None else None,
     )
 

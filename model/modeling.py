@@ -67,11 +67,29 @@ def lora_rank_for(config: RecursiveConfig, position: int, name: str, shared: nn.
     return min(config.lora_rank, shared.in_features, shared.out_features)
 
 
+class HaltingHead(nn.Module):
+    """Predicts from the (normed) residual stream after a loop whether the token can stop there.
+
+    ``sigmoid(head(h))`` estimates P(this loop's top-1 == the last loop's top-1), as CALM's learned
+    classifier; it costs ``2·d·hidden + 2·hidden`` FLOPs instead of an LM head.
+    """
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.up(normed))).squeeze(-1)
+
+
 @dataclass
 class RecursiveOutput(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus the residual stream after each loop (before the coda)."""
+    """``CausalLMOutputWithPast`` plus per-loop states: the residual stream after each loop (before
+    the coda) and, on request, the exit logits of every loop (the last equals ``logits``)."""
 
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+    loop_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class RecursivePreTrainedModel(PreTrainedModel):
@@ -193,6 +211,10 @@ class RecursiveForCausalLM(RecursivePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RecursiveModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.halting_hidden > 0:  # one head per loop boundary where a token may stop
+            self.halting_heads = nn.ModuleList(
+                HaltingHead(config.hidden_size, config.halting_hidden) for _ in range(config.num_loops - 1)
+            )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -212,8 +234,11 @@ class RecursiveForCausalLM(RecursivePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_loops: int | None = None,
+        output_loop_logits: bool = False,
         **kwargs,
     ) -> RecursiveOutput:
+        """Uniform-depth forward. ``output_loop_logits``: also the exit logits after every loop
+        (full sequences without cache only; each loop's states go through the coda, norm, head)."""
         hidden, loop_states, cache = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -229,13 +254,30 @@ class RecursiveForCausalLM(RecursivePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return RecursiveOutput(loss=loss, logits=logits, past_key_values=cache, loop_hidden_states=loop_states)
+        loop_logits = None
+        if output_loop_logits:
+            if past_key_values is not None or use_cache:
+                raise ValueError("output_loop_logits needs a full sequence without a cache")
+            pos = torch.arange(loop_states[0].shape[1], device=logits.device)[None] if position_ids is None \
+                else position_ids
+            rope = self.model.rope(loop_states[0], pos)
+            loop_logits = tuple(self.exit_logits(h, rope) for h in loop_states[:-1]) + (logits,)
+        return RecursiveOutput(loss=loss, logits=logits, past_key_values=cache, loop_hidden_states=loop_states,
+                               loop_logits=loop_logits)
 
     # --- exit path and parameter accounting ----------------------------------------------------
     def exit_logits(self, hidden: torch.Tensor, rope, attention_mask=None, cache: Cache | None = None) -> torch.Tensor:
         """Logits for a residual stream taken after some loop: coda -> norm -> head."""
         hidden = self.model.run_positions(hidden, self.config.coda_positions, rope, attention_mask, cache)
         return self.lm_head(self.model.norm(hidden))
+
+    def halting_logit(self, loop: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Halting-head logit after loop ``loop`` (1-based, < num_loops) for residual stream ``hidden``."""
+        return self.halting_heads[loop - 1](self.model.norm(hidden))
+
+    @property
+    def has_halting_heads(self) -> bool:
+        return hasattr(self, "halting_heads")
 
     def parameter_counts(self) -> dict[str, int]:
         """Unique parameters (stored once) vs effective (what an unshared model of this depth holds)."""

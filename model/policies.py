@@ -24,6 +24,7 @@ class Observation:
     hidden: torch.Tensor  # (d,) residual stream after this loop
     previous: torch.Tensor  # (d,) residual stream entering this loop
     probs: torch.Tensor | None = None  # (V,) exit distribution, only if needs_logits (or inspected)
+    halting: float | None = None  # sigmoid of the learned halting head, only if needs_halting
 
     def softmax_signals(self) -> dict[str, float]:
         if self.probs is None:
@@ -45,6 +46,7 @@ class DepthPolicy:
 
     name = "policy"
     needs_logits = False
+    needs_halting = False  # asks the engine for the learned halting head's score
     signal_name: str | None = None
     threshold: float | None = None
     decision_cost = "none"  # "softmax" | "cosine" | "none": what compute.CostModel charges per loop
@@ -132,7 +134,25 @@ class Saturation(DepthPolicy):
         return obs.cosine()
 
 
-POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation}
+class Halting(DepthPolicy):
+    """Stop when the learned halting head says this loop's prediction already matches the last
+    loop's: ``sigmoid(head(h_r)) >= threshold``. Needs no LM head (model trained with exit heads)."""
+
+    name = "halting"
+    needs_halting = True
+    signal_name = "halting"
+    decision_cost = "halting"
+
+    def __init__(self, threshold: float = 0.5):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.threshold = threshold
+
+    def signal(self, obs: Observation) -> float | None:
+        return obs.halting
+
+
+POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation, "halting": Halting}
 
 
 def make_policy(name: str, threshold: float | None = None, depth: int | None = None,
@@ -144,4 +164,6 @@ def make_policy(name: str, threshold: float | None = None, depth: int | None = N
         return Confidence(0.8 if threshold is None else threshold, measure)
     if name == "saturation":
         return Saturation(0.95 if threshold is None else threshold)
+    if name == "halting":
+        return Halting(0.5 if threshold is None else threshold)
     raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")

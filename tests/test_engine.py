@@ -167,3 +167,31 @@ def test_cancelling_a_stream_stops_it(smol_tokenizer, tiny_vocab_llama):
     assert s.trace.finish_reason == "cancelled" and len(s.trace.steps) == 1
     with pytest.raises(StopIteration):
         next(s)
+
+
+def test_halting_policy_uses_the_learned_head_without_an_lm_head():
+    from model.policies import Halting
+
+    base = tiny_llama()
+    rec = recursify(base, num_loops=3, lora_rank=4)
+    ids = torch.randint(0, 256, (10,)).tolist()
+    with pytest.raises(EngineInputError, match="halting heads"):
+        AdaptiveDecoder(rec, Halting(0.5))
+    rec.config.halting_hidden = 8
+    from model import RecursiveForCausalLM
+
+    with_heads = RecursiveForCausalLM(rec.config)
+    with_heads.load_state_dict(rec.state_dict(), strict=False)
+    torch.nn.init.constant_(with_heads.halting_heads[0].out.bias, 10.0)  # loop 1 says "stop" confidently
+    _, results = decode_with(with_heads.eval(), ids, Halting(0.9), "sync")
+    assert {r.depth for r in results} == {1}
+    assert all(r.loops[0].max_prob is None and r.loops[0].signal > 0.9 for r in results)
+    assert all(r.flops["decision"] > 0 for r in results)
+
+
+def test_loop_logits_match_uniform_depth_forwards():
+    rec = recursify(tiny_llama(), num_loops=2, sharing="middle_cycle", lora_rank=4)
+    ids = torch.randint(0, 256, (2, 9))
+    out = rec(ids, output_loop_logits=True)
+    torch.testing.assert_close(out.loop_logits[0], rec(ids, num_loops=1).logits)
+    torch.testing.assert_close(out.loop_logits[1], out.logits)
