@@ -1,0 +1,190 @@
+"""Teacher-forced threshold sweeps: quality vs compute for a depth policy on a given text.
+
+One forward pass collects, for every token and loop, the scalars a policy can decide on (softmax
+confidences, the residual-stream cosine, the halting score) plus what quality needs (argmax, the
+log-probability of the true next token). Any threshold is then a cheap replay of the policy.
+
+Semantics: each token's loop-r state comes from a uniform-depth forward, i.e. with full-depth KV for
+all earlier tokens, which is exactly what "sync" decoding gives (FREE's synchronised parallel
+decoding; exact for schemes without a coda, and up to the coda's provisional KV for MIDDLE-CYCLE).
+Compute is the token's own path (layers it ran + head + decision overhead), excluding the deferred
+catch-up work that sync decoding does in batched passes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .compute import CostModel
+from .engine import as_recursive
+from .policies import Confidence, DepthPolicy, FixedDepth, Halting, Observation, Saturation
+
+
+@dataclass
+class TextScores:
+    """Per-token, per-loop scalars for one text. Lists are indexed [token][loop-1]."""
+
+    token_ids: list[int]  # the scored positions' input tokens
+    max_prob: list[list[float]]
+    top2_gap: list[list[float]]
+    certainty: list[list[float]]
+    cosine: list[list[float]]
+    halting: list[list[float]] | None
+    argmax: list[list[int]]
+    target_logprob: list[list[float]]  # log p(true next token) at each loop
+    flops_by_depth: list[dict[str, float]]  # per depth d: {"layers", "head", "probe", "softmax", "cosine", "halting"} per token (mean)
+    flops_full: float  # mean full-depth FLOPs per token
+    num_loops: int
+
+
+class _Replayed(Observation):
+    """An Observation whose signals were precomputed (so a policy can be replayed cheaply)."""
+
+    def __init__(self, loop: int, max_loops: int, signals: dict, cosine: float, halting: float | None):
+        self.loop, self.max_loops, self.probs, self.halting = loop, max_loops, None, halting
+        self._signals, self._cosine = signals, cosine
+
+    def softmax_signals(self) -> dict[str, float]:
+        return self._signals
+
+    def cosine(self) -> float:
+        return self._cosine
+
+
+@torch.no_grad()
+def score_text(model, tokenizer, text: str, max_tokens: int = 512) -> TextScores:
+    """Run ``text`` (truncated to ``max_tokens``) once and collect every loop's signals."""
+    model = as_recursive(model)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : max_tokens + 1]
+    if ids.shape[1] < 2:
+        raise ValueError("the text needs at least two tokens to score")
+    inputs, targets = ids[:, :-1], ids[0, 1:]
+    out = model(inputs, output_loop_logits=True)
+    cfg = model.config
+    pos = torch.arange(inputs.shape[1])[None]
+    entering = model.model.embed_tokens(inputs)
+    entering = model.model.run_positions(entering, cfg.prelude_positions, model.model.rope(entering, pos))
+    states = (entering,) + tuple(out.loop_hidden_states)
+    cols = {k: [] for k in ("max_prob", "top2_gap", "certainty", "cosine", "halting", "argmax", "target_logprob")}
+    for r, logits in enumerate(out.loop_logits, start=1):
+        logp = torch.log_softmax(logits[0].float(), -1)
+        p = logp.exp()
+        top2 = torch.topk(p, 2, dim=-1).values
+        entropy = -(p * logp).sum(-1)
+        cols["max_prob"].append(top2[:, 0])
+        cols["top2_gap"].append(top2[:, 0] - top2[:, 1])
+        cols["certainty"].append(1 - entropy / math.log(p.shape[-1]))
+        cols["cosine"].append(torch.cosine_similarity(states[r][0].float(), states[r - 1][0].float(), dim=-1))
+        cols["argmax"].append(logp.argmax(-1))
+        cols["target_logprob"].append(logp.gather(-1, targets[:, None])[:, 0])
+        if model.has_halting_heads and r < cfg.num_loops:
+            cols["halting"].append(torch.sigmoid(model.halting_logit(r, states[r])[0]))
+    per_token = {k: torch.stack(v, 1).tolist() for k, v in cols.items() if v}
+    costs = CostModel.from_model(model)
+    return TextScores(
+        token_ids=inputs[0].tolist(),
+        halting=per_token.get("halting"),
+        flops_by_depth=[_path_flops(costs, cfg, d, inputs.shape[1]) for d in range(1, cfg.num_loops + 1)],
+        flops_full=sum(costs.full_token(t + 1) for t in range(inputs.shape[1])) / inputs.shape[1],
+        num_loops=cfg.num_loops,
+        **{k: per_token[k] for k in ("max_prob", "top2_gap", "certainty", "cosine", "argmax", "target_logprob")},
+    )
+
+
+def _path_flops(costs: CostModel, cfg, depth: int, n_tokens: int) -> dict[str, float]:
+    """Mean FLOPs per token of a depth-``depth`` path, by part (decision parts are per loop)."""
+    mean_ctx = (n_tokens + 1) / 2  # attention cost is linear in context: the mean is exact
+    positions = list(cfg.prelude_positions) + [p for r in range(1, depth + 1) for p in cfg.loop_positions(r)] \
+        + list(cfg.coda_positions)
+    coda = sum(costs.layers(cfg.coda_positions, mean_ctx).values())
+    return {
+        "layers": sum(costs.layers(positions, mean_ctx).values()),
+        "head": costs.head(),
+        "probe": coda + costs.head(),  # an extra exit path computed only to decide
+        "softmax": costs.softmax_signals(),
+        "cosine": costs.cosine(),
+        "halting": costs.halting(cfg.halting_hidden) if cfg.halting_hidden else 0.0,
+    }
+
+
+def replay(scores: TextScores, policy: DepthPolicy, max_loops: int | None = None) -> list[int]:
+    """Exit depth of every token under ``policy`` (teacher-forced)."""
+    max_loops = max_loops or scores.num_loops
+    depths = []
+    for t in range(len(scores.token_ids)):
+        for loop in range(1, max_loops + 1):
+            signals = {"max_prob": scores.max_prob[t][loop - 1], "top2_gap": scores.top2_gap[t][loop - 1],
+                       "certainty": scores.certainty[t][loop - 1]}
+            halting = scores.halting[t][loop - 1] if scores.halting and loop < scores.num_loops else None
+            stop, _ = policy.decide(_Replayed(loop, max_loops, signals, scores.cosine[t][loop - 1], halting))
+            if stop:
+                break
+        depths.append(loop)
+    return depths
+
+
+@dataclass
+class SweepPoint:
+    policy: str
+    threshold: float | None
+    avg_depth: float
+    agreement: float  # share of tokens whose exit-depth argmax equals the full-depth argmax
+    perplexity: float  # of the true next tokens under the exit-depth distributions
+    flops_per_token: float  # the tokens' own paths + decision overhead
+    flops_full: float
+    saved_pct: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_depths(scores: TextScores, depths: list[int], policy: DepthPolicy, threshold: float | None) -> SweepPoint:
+    """Quality and compute of given per-token exit depths."""
+    full = scores.num_loops - 1
+    n = len(depths)
+    agree = sum(scores.argmax[t][d - 1] == scores.argmax[t][full] for t, d in enumerate(depths)) / n
+    nll = -sum(scores.target_logprob[t][d - 1] for t, d in enumerate(depths)) / n
+    flops = sum(_decision_and_path(scores.flops_by_depth[d - 1], policy, d, scores.num_loops) for d in depths) / n
+    return SweepPoint(policy.name, threshold, sum(depths) / n, agree, math.exp(nll), flops, scores.flops_full,
+                      100 * (1 - flops / scores.flops_full))
+
+
+def _decision_and_path(parts: dict[str, float], policy: DepthPolicy, depth: int, max_loops: int) -> float:
+    total = parts["layers"] + parts["head"]
+    if policy.decision_cost == "softmax":
+        total += (depth - 1) * parts["probe"] + depth * parts["softmax"]
+    elif policy.decision_cost in ("cosine", "halting"):
+        total += min(depth, max_loops - 1) * parts[policy.decision_cost]
+    return total
+
+
+DEFAULT_THRESHOLDS = {
+    "confidence": [0.05 * i for i in range(1, 20)] + [0.99],
+    "saturation": [0.5 + 0.025 * i for i in range(20)] + [0.995],
+    "halting": [0.05 * i for i in range(1, 20)] + [0.99],
+}
+
+
+def sweep(scores: TextScores, policy_name: str, thresholds: list[float] | None = None,
+          measure: str = "max_prob") -> list[SweepPoint]:
+    """Quality vs compute over thresholds for one policy family (plus nothing else)."""
+    if policy_name == "fixed":
+        return fixed_depth_points(scores)
+    thresholds = thresholds or DEFAULT_THRESHOLDS[policy_name]
+    points = []
+    for th in thresholds:
+        policy = {"confidence": lambda: Confidence(th, measure), "saturation": lambda: Saturation(th),
+                  "halting": lambda: Halting(th)}[policy_name]()
+        points.append(evaluate_depths(scores, replay(scores, policy), policy, th))
+    return points
+
+
+def fixed_depth_points(scores: TextScores) -> list[SweepPoint]:
+    """Static truncation at every depth: the baseline an adaptive policy must beat."""
+    points = []
+    for d in range(1, scores.num_loops + 1):
+        policy = FixedDepth(d)
+        points.append(evaluate_depths(scores, [d] * len(scores.token_ids), policy, float(d)))
+    return points
