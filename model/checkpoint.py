@@ -52,8 +52,11 @@ def load_model(
     if name == EMBEDDED_NAME:
         folder = embedded_base_folder()
     elif name == "default":
-        from .default import default_folder  # the trained default (built from assets/ on first use)
-
+        try:
+            from .default import default_folder  # the trained default (built from assets/ on first use)
+        except ImportError as exc:
+            raise ModelLoadError("no trained default in this version: train one (python -m model.train) "
+                                 "or load 'smollm2-135m'") from exc
         folder = default_folder()
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()

@@ -53,11 +53,16 @@ class _Replayed(Observation):
         return self._cosine
 
 
-@torch.no_grad()
 def score_text(model, tokenizer, text: str, max_tokens: int = 512) -> TextScores:
     """Run ``text`` (truncated to ``max_tokens``) once and collect every loop's signals."""
+    return score_ids(model, tokenizer(text).input_ids[: max_tokens + 1])
+
+
+@torch.no_grad()
+def score_ids(model, token_ids: list[int], first: int = 0) -> TextScores:
+    """Like ``score_text`` for token ids; only predictions of tokens after index ``first`` are kept."""
     model = as_recursive(model)
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, : max_tokens + 1]
+    ids = torch.tensor([token_ids])
     if ids.shape[1] < 2:
         raise ValueError("the text needs at least two tokens to score")
     inputs, targets = ids[:, :-1], ids[0, 1:]
@@ -81,10 +86,11 @@ def score_text(model, tokenizer, text: str, max_tokens: int = 512) -> TextScores
         cols["target_logprob"].append(logp.gather(-1, targets[:, None])[:, 0])
         if model.has_halting_heads and r < cfg.num_loops:
             cols["halting"].append(torch.sigmoid(model.halting_logit(r, states[r])[0]))
-    per_token = {k: torch.stack(v, 1).tolist() for k, v in cols.items() if v}
+    keep = slice(max(first - 1, 0), None)  # predictions of tokens first.. come from inputs first-1..
+    per_token = {k: torch.stack(v, 1)[keep].tolist() for k, v in cols.items() if v}
     costs = CostModel.from_model(model)
     return TextScores(
-        token_ids=inputs[0].tolist(),
+        token_ids=inputs[0, keep].tolist(),
         halting=per_token.get("halting"),
         flops_by_depth=[_path_flops(costs, cfg, d, inputs.shape[1]) for d in range(1, cfg.num_loops + 1)],
         flops_full=sum(costs.full_token(t + 1) for t in range(inputs.shape[1])) / inputs.shape[1],

@@ -1,0 +1,44 @@
+"""Serve the Adaptive-Depth Lab dashboard: ``python app.py [--host H] [--port P] [--share] [--model M]``.
+
+Locally it listens on 127.0.0.1:7860; on Hugging Face Spaces (``SPACE_ID`` set) on 0.0.0.0 and the
+port Spaces gives. It loads the best available model once at start-up: the trained default if it
+can be built, else an untrained conversion of the embedded SmolLM2 (the page says which).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from dashboard.app import build_app, css
+from dashboard.service import ModelService
+
+try:  # on Spaces with ZeroGPU the `spaces` package exists; plain CPU everywhere else
+    import spaces  # noqa: F401
+except ImportError:
+    spaces = None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    on_spaces = bool(os.environ.get("SPACE_ID"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0" if on_spaces else "127.0.0.1")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--model", default=None, help="model label or checkpoint folder to load first")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = ModelService()
+    loaded = service.load(args.model) if args.model else service.load_best()
+    logging.getLogger("app").info("loaded %s", loaded.label)
+    demo = build_app(service)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=css(), show_error=True)
+
+
+if __name__ == "__main__":
+    main()

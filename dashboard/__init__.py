@@ -1,0 +1,1 @@
+"""The Gradio dashboard: renders traces from ``model``; no tensor maths here."""

@@ -1,0 +1,336 @@
+"""The Gradio Blocks app: layout first, then events. Handlers call ``ModelService`` and render traces."""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from model.paths import ASSETS_DIR
+from model.trace import GenerationTrace
+
+from . import plots, render
+from .service import ModelService, ServiceError
+from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
+
+log = logging.getLogger(__name__)
+PLOT_EVERY_S = 0.8  # refresh the live figures at most this often while streaming
+USER_ERRORS = (ServiceError, SettingsError, ValueError)
+
+INTRO = """
+# 🔁 Adaptive-Depth Lab
+A **recursive** language model runs one block of shared layers in **loops**. For every new token a
+policy decides after each loop whether to stop — so easy tokens can leave early and hard ones go deep.
+Each token below is coloured by the **number of loops** it used (light = shallow, dark = deep);
+click a token to see its per-loop signals and why it stopped. Counters show the compute saved
+against running every token at full depth.
+"""
+
+
+def user_errors(fn):
+    """Turn known failures into a clear message on the page and unknown ones into a short one.
+
+    Never lets a stack trace reach the browser (it goes to the server log)."""
+
+    def convert(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, USER_ERRORS):
+            return gr.Error(str(exc))
+        log.exception("unexpected error in %s", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(exc).__name__}). Try other settings or reload the page.")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the boundary to the browser
+                raise convert(exc) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise convert(exc) from None
+    return wrapper
+
+
+def _examples() -> list[str]:
+    try:
+        return json.loads((ASSETS_DIR / "examples.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return ["What is the capital of France?"]
+
+
+def _sweep_text() -> str:
+    path = ASSETS_DIR / "sweep_text.txt"
+    return path.read_text().strip() if path.exists() else ""
+
+
+def _write_trace(trace: GenerationTrace) -> str:
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="trace-", delete=False)
+    with tmp:
+        json.dump(trace.to_dict(), tmp, indent=1)
+    return tmp.name
+
+
+COMPARE_PRESETS = [
+    dict(policy="fixed", threshold=0.5, depth=None, enabled=True, title="Full depth"),
+    dict(policy="fixed", threshold=0.5, depth=1, enabled=True, title="Fixed depth 1"),
+    dict(policy="confidence", threshold=0.5, depth=1, enabled=True, title="Confidence"),
+    dict(policy="saturation", threshold=0.9, depth=1, enabled=True, title="Saturation"),
+]
+
+
+def build_app(service: ModelService) -> gr.Blocks:
+    loaded = service.current
+    loops = loaded.num_loops
+    with gr.Blocks(title="Adaptive-Depth Lab") as demo:
+        gr.Markdown(INTRO, elem_id="intro")
+        model_note = gr.Markdown(f"**Loaded:** {loaded.label}. {loaded.note}", elem_id="model-note")
+        trace_state = gr.State(None)
+        with gr.Tabs():
+            # ---------------------------------------------------------------- Live
+            with gr.Tab("Live", id="live"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=3, value=_examples()[0], elem_id="prompt")
+                        with gr.Row():
+                            chat = gr.Checkbox(value=True, label="Chat template (instruct model)")
+                            time_full = gr.Checkbox(value=False, label="Also time a full-depth run (wall-clock speedup)")
+                        run_btn = gr.Button("Generate", variant="primary", elem_id="run")
+                        gr.Examples(_examples(), inputs=[prompt], label="Examples")
+                    with gr.Column(scale=2):
+                        policy = gr.Dropdown(POLICY_CHOICES, value="confidence", label="Depth policy")
+                        threshold = gr.Slider(-1.0, 1.0, value=0.5, step=0.01, label="Threshold")
+                        measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",
+                                              label="Confidence measure")
+                        with gr.Row():
+                            depth = gr.Slider(1, loops, value=1, step=1, label="Fixed depth")
+                            max_loops = gr.Slider(1, loops, value=loops, step=1, label="Max loops")
+                        kv_mode = gr.Radio(KV_CHOICES, value="sync", label="KV for exited tokens",
+                                           info="sync: FREE's exact parallel catch-up · copy: CALM's state copying")
+                        with gr.Accordion("Decoding", open=False):
+                            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
+                            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                            rep_pen = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+                            seed = gr.Number(value=0, precision=0, label="Seed")
+                legend = gr.HTML(render.legend_html(loops), elem_id="legend")
+                tokens = gr.HighlightedText(label="Answer, coloured by loops used (click a token)",
+                                            color_map=render.colour_map(loops), show_legend=False,
+                                            show_inline_category=False, combine_adjacent=False,
+                                            elem_id="tokens")
+                counters = gr.HTML(render.counters(None), elem_id="counters")
+                details = gr.HTML(render.token_details(None, None), elem_id="token-details")
+                with gr.Row():
+                    depth_plot = gr.Plot(plots.depth_per_token(None), elem_id="depth-plot")
+                    compute_plot = gr.Plot(plots.cumulative_compute(None), elem_id="compute-plot")
+                heatmap = gr.Plot(plots.signal_heatmap(None), elem_id="heatmap")
+                with gr.Row():
+                    trace_file = gr.File(label="Trace (JSON)", interactive=False, elem_id="trace-file")
+                    status = gr.Markdown("", elem_id="status")
+            # ---------------------------------------------------------------- Compare
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown("One prompt, several depth settings. Quality is the teacher-forced top-1 agreement "
+                            "with the full-depth answer; compute is per token, as a share of full depth.")
+                with gr.Row():
+                    cmp_prompt = gr.Textbox(label="Prompt", value=_examples()[1], lines=2, scale=4,
+                                            elem_id="cmp-prompt")
+                    cmp_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens", scale=1)
+                    cmp_btn = gr.Button("Run all columns", variant="primary", scale=1, elem_id="cmp-run")
+                col_inputs, col_texts, col_counters = [], [], []
+                with gr.Row():
+                    for i, preset in enumerate(COMPARE_PRESETS):
+                        with gr.Column(min_width=220):
+                            gr.Markdown(f"**Column {i + 1}: {preset['title']}**")
+                            en = gr.Checkbox(value=preset["enabled"], label="enabled")
+                            pol = gr.Dropdown(POLICY_CHOICES, value=preset["policy"], label="policy")
+                            th = gr.Slider(-1.0, 1.0, value=preset["threshold"], step=0.01, label="threshold")
+                            dp = gr.Slider(1, loops, value=preset["depth"] or loops, step=1, label="fixed depth")
+                            col_inputs += [en, pol, th, dp]
+                            col_texts.append(gr.HighlightedText(color_map=render.colour_map(loops), show_legend=False,
+                                                                show_inline_category=False, label="answer",
+                                                                elem_classes=["cmp-text"]))
+                            col_counters.append(gr.HTML(""))
+                cmp_plot = gr.Plot(plots.compare_chart([]), elem_id="cmp-plot")
+                cmp_status = gr.Markdown("")
+            # ---------------------------------------------------------------- Sweep
+            with gr.Tab("Sweep", id="sweep"):
+                gr.Markdown("Teacher-forced on a text: every threshold of a policy replayed on the same per-loop "
+                            "signals. The dotted line is static truncation at each depth — an adaptive policy is "
+                            "worth having where its curve lies above it. ★ marks the Live tab's current setting.")
+                with gr.Row():
+                    sw_text = gr.Textbox(value=_sweep_text(), lines=5, label="Text", scale=3, elem_id="sweep-text")
+                    with gr.Column(scale=1):
+                        sw_policy = gr.Dropdown(["confidence", "saturation", "halting"], value="confidence",
+                                                label="Policy to sweep")
+                        sw_measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",
+                                                 label="Confidence measure")
+                        sw_btn = gr.Button("Sweep", variant="primary", elem_id="sweep-run")
+                with gr.Row():
+                    sw_plot = gr.Plot(plots.sweep_chart(None), elem_id="sweep-plot")
+                    sw_ppl = gr.Plot(plots.sweep_chart(None, "perplexity"), elem_id="sweep-ppl")
+                sw_status = gr.Markdown("")
+            # ---------------------------------------------------------------- Model
+            with gr.Tab("Model", id="model"):
+                with gr.Row():
+                    picker = gr.Dropdown(service.choices(), value=loaded.label, label="Model or checkpoint",
+                                         allow_custom_value=True, scale=4)
+                    load_btn = gr.Button("Load", scale=1, elem_id="load-model")
+                card = gr.HTML(render.model_card(loaded.description, loaded.note), elem_id="model-card")
+                diagram = gr.HTML(render.layout_diagram(loaded.description), elem_id="layout")
+
+        # ================================================================ events
+        live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
+                       temperature, top_p, rep_pen, seed, time_full]
+        live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, trace_state, trace_file, status, details]
+
+        @user_errors
+        def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
+                     temp_v, top_p_v, rep_v, seed_v, time_full_v):
+            settings = Settings(policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v, temp_v,
+                                top_p_v, rep_v, seed_v if seed_v is not None else 0, chat_v)
+            settings = settings.validated(service.current.num_loops)
+            text, notice = service.prepare_prompt(prompt_v, chat_v)
+            if notice:
+                gr.Warning(notice)
+            with service.lock:
+                s = service.start(text, settings)
+                last_plot = 0.0
+                try:
+                    for step in s:
+                        now = time.monotonic()
+                        figs = (gr.skip(),) * 3
+                        if now - last_plot > PLOT_EVERY_S:
+                            figs, last_plot = _figures(s.trace), now
+                        yield (render.highlighted(s.trace), render.counters(s.trace, running=True), *figs,
+                               gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip())
+                finally:
+                    s.close()
+                    service.last_finish_reason = s.trace.finish_reason
+                trace = s.trace
+                speedup = None
+                if time_full_v:
+                    yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
+                           "Timing the same prompt at full depth…", gr.skip())
+                    full = service.start(text, service.full_depth_settings(settings), inspect=False)
+                    for _ in full:
+                        pass
+                    adaptive_wall, full_wall = trace.totals()["wall_s"], full.trace.totals()["wall_s"]
+                    speedup = full_wall / adaptive_wall if adaptive_wall else None
+                    trace.notes.append(f"full-depth run of the same prompt: {full_wall:.2f} s "
+                                       f"({len(full.trace.steps)} tokens)")
+                trace.settings["wall_clock_speedup"] = speedup
+            done = f"Done: {len(trace.steps)} tokens, finish reason **{trace.finish_reason}**."
+            if trace.notes:
+                done += " " + " ".join(f"_{n}_" for n in trace.notes)
+            yield (render.highlighted(trace), render.counters(trace, speedup), *_figures(trace), trace.to_dict(),
+                   _write_trace(trace), done, render.token_details(trace, None))
+
+        def _figures(trace):
+            return plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace)
+
+        run_btn.click(run_live, live_inputs, live_outputs, api_name="generate", concurrency_id="model",
+                      concurrency_limit=1)
+        prompt.submit(run_live, live_inputs, live_outputs, api_name="generate_submit", concurrency_id="model",
+                      concurrency_limit=1)
+
+        @user_errors
+        def show_token(trace_dict, evt: gr.SelectData):
+            trace = GenerationTrace.from_dict(trace_dict) if trace_dict else None
+            index = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else None)
+            return render.token_details(trace, index)
+
+        tokens.select(show_token, [trace_state], [details], api_name="token_details")
+
+        @user_errors
+        def run_compare(prompt_v, max_new_v, *cols):
+            text, notice = service.prepare_prompt(prompt_v, True)
+            if notice:
+                gr.Warning(notice)
+            nloops = service.current.num_loops
+            columns = []
+            for i in range(len(COMPARE_PRESETS)):
+                en, pol, th, dp = cols[4 * i: 4 * i + 4]
+                if en:
+                    columns.append((i, Settings(pol, th, dp, "max_prob", nloops, "sync", max_new_v,
+                                                0.0, 1.0, 1.1, 0, True).validated(nloops)))
+            if len(columns) < 2:
+                raise ServiceError("Enable at least two columns to compare.")
+            texts, counts = [gr.skip()] * len(COMPARE_PRESETS), [gr.skip()] * len(COMPARE_PRESETS)
+            for i in range(len(COMPARE_PRESETS)):
+                if i not in [c[0] for c in columns]:
+                    texts[i], counts[i] = [], "<i>disabled</i>"
+            points = []
+            with service.lock:
+                reference = service.start(text, Settings(policy="fixed", depth=nloops, max_loops=nloops,
+                                                         max_new_tokens=int(max_new_v)).validated(nloops), inspect=False)
+                for _ in reference:
+                    pass
+                ref_ids = [s.token_id for s in reference.trace.steps]
+                if not ref_ids:
+                    raise ServiceError("The full-depth answer is empty (the model stopped at once); try another prompt.")
+                for i, settings in columns:
+                    s = service.start(text, settings, inspect=False)
+                    for _ in s:
+                        pass
+                    quality = service.agreement_with(text, True, ref_ids, settings)
+                    got = [st.token_id for st in s.trace.steps]
+                    same = sum(a == b for a, b in zip(got, ref_ids)) / len(ref_ids)
+                    points.append({**quality, "label": f"{i + 1}: {settings.label()}"})
+                    texts[i] = render.highlighted(s.trace)
+                    counts[i] = (render.counters(s.trace) +
+                                 f"<div class='quality'>teacher-forced agreement <b>{quality['agreement']:.2f}</b>"
+                                 f" at {100 - quality['saved_pct']:.0f}% compute · generated tokens equal to "
+                                 f"full depth: {same:.2f}</div>")
+                    yield (*texts, *counts, plots.compare_chart(points), f"Ran {len(points)}/{len(columns)} columns…")
+            yield (*texts, *counts, plots.compare_chart(points), "Done.")
+
+        cmp_btn.click(run_compare, [cmp_prompt, cmp_new, *col_inputs], [*col_texts, *col_counters, cmp_plot, cmp_status],
+                      api_name="compare", concurrency_id="model", concurrency_limit=1)
+
+        @user_errors
+        def run_sweep(text_v, policy_v, measure_v, live_policy, live_threshold, live_depth, live_measure, live_max_loops):
+            nloops = service.current.num_loops
+            current = Settings(live_policy, live_threshold, live_depth, live_measure, live_max_loops).validated(nloops)
+            with service.lock:
+                result = service.sweep(text_v, policy_v, measure_v, current)
+            msg = (f"{result['tokens']} tokens teacher-forced; {len(result['family'])} thresholds of "
+                   f"{policy_v}; current setting: {result['current']['label']} → agreement "
+                   f"{result['current']['agreement']:.2f}, perplexity {result['current']['perplexity']:.1f}, "
+                   f"{100 - result['current']['saved_pct']:.0f}% compute.")
+            return plots.sweep_chart(result), plots.sweep_chart(result, "perplexity"), msg
+
+        sw_btn.click(run_sweep, [sw_text, sw_policy, sw_measure, policy, threshold, depth, measure, max_loops],
+                     [sw_plot, sw_ppl, sw_status], api_name="sweep", concurrency_id="model", concurrency_limit=1)
+
+        @user_errors
+        def load_model_event(label):
+            with service.lock:
+                loaded_now = service.load(label)
+            n = loaded_now.num_loops
+            cmap = render.colour_map(n)
+            return (render.model_card(loaded_now.description, loaded_now.note),
+                    render.layout_diagram(loaded_now.description),
+                    f"**Loaded:** {loaded_now.label}. {loaded_now.note}", render.legend_html(n),
+                    gr.update(color_map=cmap, value=[]), gr.update(maximum=n, value=min(n, 1)),
+                    gr.update(maximum=n, value=n), gr.update(choices=service.choices(), value=loaded_now.label))
+
+        load_btn.click(load_model_event, [picker],
+                       [card, diagram, model_note, legend, tokens, depth, max_loops, picker],
+                       api_name="load_model", concurrency_id="model", concurrency_limit=1)
+    return demo
+
+
+def css() -> str:
+    path = Path(ASSETS_DIR) / "style.css"
+    return path.read_text() if path.exists() else ""

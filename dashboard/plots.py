@@ -1,0 +1,104 @@
+"""Plotly figures built from traces and sweep results (never from the model)."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from model.trace import GenerationTrace
+
+from .render import colour_map, depth_label
+
+LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=40, b=40), height=280,
+              font=dict(size=12), legend=dict(orientation="h", y=-0.25))
+
+
+def _tokens(trace: GenerationTrace) -> list[str]:
+    return [repr(s.text)[1:-1] for s in trace.steps]
+
+
+def depth_per_token(trace: GenerationTrace | None) -> go.Figure:
+    fig = go.Figure()
+    if trace and trace.steps:
+        max_depth = trace.steps[0].max_depth
+        colours = colour_map(max_depth)
+        fig.add_bar(x=list(range(len(trace.steps))), y=[s.depth for s in trace.steps],
+                    marker_color=[colours[depth_label(s.depth)] for s in trace.steps],
+                    hovertext=[f"{t!s} · {s.exit_reason}" for t, s in zip(_tokens(trace), trace.steps)],
+                    hoverinfo="text+y", name="depth")
+        fig.update_yaxes(range=[0, max_depth + 0.3], dtick=1)
+    fig.update_layout(title="Loops used per token", xaxis_title="generated token", yaxis_title="loops", **LAYOUT)
+    return fig
+
+
+def signal_heatmap(trace: GenerationTrace | None) -> go.Figure:
+    """Loops x tokens of the exit signal; the colour scale is centred on the threshold."""
+    fig = go.Figure()
+    title = "Exit signal per loop"
+    if trace and trace.steps:
+        max_depth = trace.steps[0].max_depth
+        z = [[None] * len(trace.steps) for _ in range(max_depth)]
+        for i, s in enumerate(trace.steps):
+            for l in s.loops:
+                value = l.signal if l.signal is not None else l.max_prob
+                z[l.loop - 1][i] = value
+        threshold = trace.steps[0].threshold
+        name = trace.steps[0].signal_name or "max prob (inspected)"
+        fig.add_heatmap(z=z, x=list(range(len(trace.steps))), y=[f"loop {r}" for r in range(1, max_depth + 1)],
+                        colorscale="RdBu", zmid=threshold if threshold is not None else None,
+                        colorbar=dict(title=name, len=0.9), hoverongaps=False,
+                        text=[_tokens(trace)] * max_depth, hovertemplate="%{text}<br>%{y}: %{z:.3f}<extra></extra>")
+        fig.add_scatter(x=list(range(len(trace.steps))), y=[f"loop {s.depth}" for s in trace.steps],
+                        mode="markers", marker=dict(symbol="x", size=8, color="black"), name="exit")
+        title = f"Exit signal ({name})" + (f", threshold {threshold:.2f} = white" if threshold is not None else "")
+    fig.update_layout(title=title, xaxis_title="generated token", **LAYOUT)
+    return fig
+
+
+def cumulative_compute(trace: GenerationTrace | None) -> go.Figure:
+    fig = go.Figure()
+    if trace and trace.steps:
+        used, full, u, f = [], [], 0.0, 0.0
+        for s in trace.steps:
+            u += s.total_flops
+            f += s.flops_full
+            used.append(u / 1e9)
+            full.append(f / 1e9)
+        x = list(range(1, len(trace.steps) + 1))
+        fig.add_scatter(x=x, y=full, name="full depth", line=dict(color="#888", dash="dash"))
+        fig.add_scatter(x=x, y=used, name="this run (incl. decisions)", line=dict(color="#2A788E", width=3))
+    fig.update_layout(title="Compute used vs full depth (cumulative)", xaxis_title="generated tokens",
+                      yaxis_title="GFLOP", **LAYOUT)
+    return fig
+
+
+def compare_chart(points: list[dict]) -> go.Figure:
+    """Quality (teacher-forced agreement with the full-depth answer) vs compute, one point per column."""
+    fig = go.Figure()
+    for p in points:
+        fig.add_scatter(x=[100 - p["saved_pct"]], y=[p["agreement"]], mode="markers+text", text=[p["label"]],
+                        textposition="top center", marker=dict(size=12), name=p["label"])
+    fig.update_layout(title="Quality vs compute (teacher-forced on the full-depth answer)",
+                      xaxis_title="compute per token, % of full depth", yaxis_title="top-1 agreement with full depth",
+                      yaxis_range=[0, 1.05], showlegend=False, **LAYOUT)
+    return fig
+
+
+def sweep_chart(result: dict | None, metric: str = "agreement") -> go.Figure:
+    fig = go.Figure()
+    if result:
+        fam = result["family"]
+        fig.add_scatter(x=[100 - p["saved_pct"] for p in fam], y=[p[metric] for p in fam], mode="lines+markers",
+                        name=f"{result['policy']} thresholds",
+                        text=[f"threshold {p['threshold']:.3f}, avg depth {p['avg_depth']:.2f}" for p in fam])
+        fixed = result["fixed"]
+        fig.add_scatter(x=[100 - p["saved_pct"] for p in fixed], y=[p[metric] for p in fixed], mode="lines+markers",
+                        name="fixed depth (static truncation)", line=dict(dash="dot", color="#888"),
+                        text=[f"depth {int(p['threshold'])}" for p in fixed])
+        cur = result["current"]
+        fig.add_scatter(x=[100 - cur["saved_pct"]], y=[cur[metric]], mode="markers", name=f"current: {cur['label']}",
+                        marker=dict(symbol="star", size=16, color="#EE6677"))
+    label = "top-1 agreement with full depth" if metric == "agreement" else "perplexity (lower is better)"
+    fig.update_layout(title=f"{label} vs compute", xaxis_title="compute per token, % of full depth",
+                      yaxis_title=label, **{**LAYOUT, "height": 340})
+    if metric == "perplexity":
+        fig.update_yaxes(type="log")
+    return fig

@@ -1,0 +1,142 @@
+"""Traces -> what the page shows: coloured tokens, counters, token details, model card (HTML)."""
+from __future__ import annotations
+
+import html
+
+from model.trace import GenerationTrace, TokenStep
+
+# Colour-blind-safe sequential palette (viridis stops, light text on dark steps handled by CSS).
+DEPTH_COLOURS = ["#FDE725", "#7AD151", "#22A884", "#2A788E", "#414487", "#440154"]
+
+
+def depth_label(depth: int) -> str:
+    return f"{depth} loop" if depth == 1 else f"{depth} loops"
+
+
+def colour_map(max_depth: int) -> dict[str, str]:
+    """HighlightedText colour per depth label, shallow = light, deep = dark."""
+    stops = _stops(max_depth)
+    return {depth_label(d): stops[d - 1] for d in range(1, max_depth + 1)}
+
+
+def _stops(n: int) -> list[str]:
+    if n <= 1:
+        return [DEPTH_COLOURS[2]]
+    idx = [round(i * (len(DEPTH_COLOURS) - 1) / (n - 1)) for i in range(n)]
+    return [DEPTH_COLOURS[i] for i in idx]
+
+
+def highlighted(trace: GenerationTrace | None) -> list[tuple[str, str]]:
+    """(token text, depth label) pairs for ``gr.HighlightedText``."""
+    if trace is None:
+        return []
+    return [(s.text if s.text else "∅", depth_label(s.depth)) for s in trace.steps]
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {unit}FLOP"
+    return f"{x:.0f} FLOP"
+
+
+def counters(trace: GenerationTrace | None, speedup: float | None = None, running: bool = False) -> str:
+    """The counter strip: average depth, savings, KV, speed."""
+    if trace is None or not trace.steps:
+        return "<div class='counters empty'>Run a prompt to see depth and compute counters.</div>"
+    t = trace.totals()
+    cells = [
+        ("tokens", f"{t['tokens']}"),
+        ("average depth", f"{t['avg_depth']:.2f} / {t['max_depth']}"),
+        ("block FLOPs saved", f"{t['block_flops_saved_pct']:.1f}%"),
+        ("total FLOPs saved", f"{t['flops_saved_pct']:.1f}%"),
+        ("KV entries saved", f"{t['kv_saved_pct']:.1f}%"),
+        ("tokens / s", f"{t['tokens_per_s']:.1f}"),
+        ("wall-clock speedup", f"×{speedup:.2f}" if speedup else "—"),
+    ]
+    body = "".join(f"<div class='counter'><div class='value'>{html.escape(v)}</div>"
+                   f"<div class='name'>{html.escape(k)}</div></div>" for k, v in cells)
+    hint = ("Total FLOPs include the exit decisions (an LM head per loop for confidence) and, in "
+            "<b>sync</b> mode, the deferred deeper loops of exited tokens.")
+    state = "<span class='live'>● generating</span>" if running else ""
+    return f"<div class='counters'>{body}</div><div class='counter-hint'>{state} {hint}</div>"
+
+
+def token_details(trace: GenerationTrace | None, index: int | None) -> str:
+    """Per-loop signals, threshold, top-5 candidates and exit reason of one token."""
+    if trace is None or index is None or not 0 <= index < len(trace.steps):
+        return "<div class='token-details empty'>Click a token to see why it stopped where it did.</div>"
+    s: TokenStep = trace.steps[index]
+    rows = []
+    for loop in s.loops:
+        top = ", ".join(f"<code>{html.escape(repr(t)[1:-1])}</code> {p:.2f}" for t, p in (loop.top_tokens or []))
+        sig = "—" if loop.signal is None else f"{loop.signal:.3f}"
+        mp = "—" if loop.max_prob is None else f"{loop.max_prob:.3f}"
+        rows.append(f"<tr><td>{loop.loop}</td><td>{sig}</td><td>{mp}</td><td>{loop.change:.3f}</td>"
+                    f"<td>{top or '—'}</td></tr>")
+    threshold = "—" if s.threshold is None else f"{s.threshold:.2f}"
+    return (
+        f"<div class='token-details'><div class='token-title'>Token {s.index}: "
+        f"<code>{html.escape(repr(s.text))}</code> · depth {s.depth}/{s.max_depth} · "
+        f"exit: <b>{html.escape(s.exit_reason)}</b> · signal: {html.escape(s.signal_name or 'none')} · "
+        f"threshold {threshold} · {s.total_flops / 1e6:.1f} MFLOP (full depth {s.flops_full / 1e6:.1f})</div>"
+        "<table><thead><tr><th>loop</th><th>signal</th><th>max prob</th><th>cosine to previous loop</th>"
+        f"<th>top-5 candidates at this loop</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def legend_html(max_depth: int) -> str:
+    chips = "".join(f"<span class='chip' style='background:{c}'>{html.escape(l)}</span>"
+                    for l, c in colour_map(max_depth).items())
+    return f"<div class='legend'>{chips}</div>"
+
+
+def model_card(description: dict, note: str = "") -> str:
+    """The Model tab: what is loaded, in numbers."""
+    d = description
+    p = d.get("parameters", {})
+    training = d.get("training")
+    if training:
+        trained = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in training.items())
+        trained = f"<ul>{trained}</ul>"
+    else:
+        trained = "<p>Not trained: a direct conversion of the pretrained model.</p>"
+    rows = [
+        ("model", d.get("name")), ("base", d.get("base_model")), ("sharing scheme", d.get("sharing")),
+        ("loops", d.get("num_loops")), ("unique layers in the looped block", d.get("block_size")),
+        ("prelude / coda layers", f"{d.get('num_prelude')} / {d.get('num_coda')}"),
+        ("unrolled positions (effective depth)", d.get("num_positions")), ("shared-block init", d.get("init_method")),
+        ("LoRA rank per position", d.get("lora_rank")),
+        ("unique parameters", f"{p.get('unique', 0) / 1e6:.1f} M ({p.get('unique_non_embedding', 0) / 1e6:.1f} M non-embedding)"),
+        ("effective parameters", f"{p.get('effective', 0) / 1e6:.1f} M ({p.get('effective_non_embedding', 0) / 1e6:.1f} M non-embedding)"),
+        ("of which LoRA", f"{p.get('lora', 0) / 1e6:.1f} M"),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+    return f"<div class='model-card'>{note_html}<table>{table}</table><h4>How it was trained</h4>{trained}</div>"
+
+
+def layout_diagram(description: dict) -> str:
+    """The unrolled positions as boxes; boxes of one colour share their weights."""
+    layer_map = description.get("layer_map") or []
+    n_pre, n_coda, k = description.get("num_prelude", 0), description.get("num_coda", 0), description.get("block_size", 0)
+    palette = ["#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB"]
+    boxes = []
+    for p, u in enumerate(layer_map):
+        if p < n_pre:
+            group = "prelude"
+        elif p >= len(layer_map) - n_coda:
+            group = "coda"
+        else:
+            group = f"loop {(p - n_pre) // k + 1}" if k else "loop"
+        colour = palette[u % len(palette)]
+        boxes.append((group, f"<div class='pos' style='background:{colour}' title='position {p} runs unique "
+                             f"layer {u}'>{u}</div>"))
+    groups: dict[str, list[str]] = {}
+    for g, b in boxes:
+        groups.setdefault(g, []).append(b)
+    body = "".join(f"<div class='pos-group'><div class='pos-label'>{html.escape(g)}</div>"
+                   f"<div class='pos-row'>{''.join(bs)}</div></div>" for g, bs in groups.items())
+    return ("<div class='layout'><p>Each box is one unrolled layer position, labelled by the unique layer "
+            "whose weights it runs: same number and colour = the very same tensors. Each position "
+            f"adds its own LoRA and norms.</p>{body}</div>")

@@ -1,0 +1,196 @@
+"""What the dashboard asks of the model package: load a model, start a stream, score a sweep.
+
+One ``ModelService`` per app. Models are loaded by label; conversions of the embedded base are built
+on demand and kept in memory (at most two). Every failure surfaces as ``ServiceError``/``SettingsError``
+with a message for the user.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import ModelLoadError, load_model, recursify
+from model.engine import describe_model, encode_prompt, stream
+from model.paths import REPO_ROOT, cache_dir
+from model.policies import make_policy
+from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
+
+from .settings import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, Settings
+
+log = logging.getLogger(__name__)
+
+TRAINED_DEFAULT = "Trained default (recursive SmolLM2)"
+EXACT_3x10 = "SmolLM2 → 3 loops × 10 · full-rank LoRA (untrained; exact at full depth)"
+RANK64_3x10 = "SmolLM2 → 3 loops × 10 · LoRA r64 (untrained conversion)"
+TEACHER = "SmolLM2-135M-Instruct teacher (no sharing, 1 loop)"
+BUILTIN_CONVERSIONS = {
+    EXACT_3x10: dict(num_loops=3, sharing="cycle", init="average", lora_rank="full"),
+    RANK64_3x10: dict(num_loops=3, sharing="cycle", init="average", lora_rank=64),
+    TEACHER: dict(num_loops=1),
+}
+
+
+class ServiceError(RuntimeError):
+    """A user-facing failure (model cannot load, bad input)."""
+
+
+@dataclass
+class Loaded:
+    label: str
+    model: object
+    tokenizer: object
+    note: str = ""
+    description: dict = field(default_factory=dict)
+
+    @property
+    def num_loops(self) -> int:
+        return self.model.config.num_loops
+
+
+def checkpoint_folders() -> list[Path]:
+    """Local recursive checkpoints: folders with a recursive_llama config.json under runs/ and the cache."""
+    found = []
+    for root in (REPO_ROOT / "runs", cache_dir("runs")):
+        if root.exists():
+            for cfg in sorted(root.glob("**/config.json")):
+                if '"recursive_llama"' in cfg.read_text(errors="ignore") and any(cfg.parent.glob("*.safetensors")):
+                    found.append(cfg.parent)
+    return found
+
+
+class ModelService:
+    def __init__(self, preload: Loaded | None = None, max_cached: int = 2):
+        self._cache: dict[str, Loaded] = {}
+        self._order: list[str] = []
+        self.max_cached = max_cached
+        self.lock = threading.Lock()  # one model computation at a time (2 CPU cores)
+        self.current: Loaded | None = None
+        self.last_finish_reason: str | None = None
+        self.generations_started = 0
+        if preload is not None:
+            self._remember(preload)
+            self.current = preload
+
+    # --- models -----------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, tokenizer, label: str = "custom model") -> "ModelService":
+        """Serve an already-built model (tests use a tiny random one)."""
+        from model.engine import as_recursive
+
+        model = as_recursive(model)
+        return cls(Loaded(label, model, tokenizer, "", describe_model(model, label)))
+
+    def choices(self) -> list[str]:
+        labels = [TRAINED_DEFAULT, *BUILTIN_CONVERSIONS, *(str(p) for p in checkpoint_folders())]
+        return list(dict.fromkeys([*(self._order), *labels]))
+
+    def load_best(self) -> Loaded:
+        """The trained default if it can be built, else the exact full-rank conversion."""
+        try:
+            return self.load(TRAINED_DEFAULT)
+        except ServiceError as exc:
+            log.warning("trained default unavailable (%s); falling back to a conversion", exc)
+            loaded = self.load(EXACT_3x10)
+            loaded.note = f"Trained default not available ({exc}). Showing an untrained conversion."
+            return loaded
+
+    def load(self, label: str) -> Loaded:
+        if label in self._cache:
+            self.current = self._cache[label]
+            return self.current
+        try:
+            loaded = self._build(label)
+        except ModelLoadError as exc:
+            raise ServiceError(str(exc)) from exc
+        self._remember(loaded)
+        self.current = loaded
+        return loaded
+
+    def _build(self, label: str) -> Loaded:
+        if label == TRAINED_DEFAULT:
+            model, tok = load_model("default")
+            note = "Trained recursive model (see the Model tab for how it was trained)."
+        elif label in BUILTIN_CONVERSIONS:
+            base, tok = load_model("smollm2-135m")
+            model = recursify(base, base_name="smollm2-135m", **BUILTIN_CONVERSIONS[label])
+            note = ("Untrained conversion: early exits are poor until the model is trained; "
+                    "intermediate loops disagree with the last one for most tokens.")
+        elif Path(label).is_dir():
+            model, tok = load_model(label)
+            note = f"Checkpoint {label}"
+        else:
+            raise ServiceError(f"unknown model {label!r}; pick one from the list")
+        from model.engine import as_recursive
+
+        model = as_recursive(model)
+        return Loaded(label, model, tok, note, describe_model(model, label))
+
+    def _remember(self, loaded: Loaded) -> None:
+        self._cache[loaded.label] = loaded
+        self._order = [l for l in self._order if l != loaded.label] + [loaded.label]
+        while len(self._order) > self.max_cached:
+            self._cache.pop(self._order.pop(0), None)
+
+    # --- generation -------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: str, chat: bool) -> tuple[str, str | None]:
+        """Validate the prompt; cut it to the token limit. Returns (prompt, notice or None)."""
+        if prompt is None or not str(prompt).strip():
+            raise ServiceError("The prompt is empty: type something or pick an example.")
+        notice = None
+        prompt = str(prompt)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            prompt, notice = prompt[:MAX_PROMPT_CHARS], f"Prompt cut to {MAX_PROMPT_CHARS} characters."
+        tok = self.current.tokenizer
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        if len(ids) > MAX_PROMPT_TOKENS:
+            prompt = tok.decode(ids[-MAX_PROMPT_TOKENS:])
+            notice = (f"The prompt had {len(ids)} tokens; only its last {MAX_PROMPT_TOKENS} are used.")
+        return prompt, notice
+
+    def start(self, prompt: str, settings: Settings, inspect: bool = True):
+        """A ``model.engine.Stream`` for validated settings (iterate it for TokenSteps)."""
+        loaded = self.current
+        self.generations_started += 1
+        return stream(loaded.model, loaded.tokenizer, prompt, policy=settings.policy_object(),
+                      max_new_tokens=settings.max_new_tokens, kv_mode=settings.kv_mode,
+                      max_loops=settings.max_loops, temperature=settings.temperature, top_p=settings.top_p,
+                      repetition_penalty=settings.repetition_penalty, seed=settings.seed, chat=settings.chat,
+                      inspect=inspect, model_name=loaded.label,
+                      max_prompt_tokens=MAX_PROMPT_TOKENS + 64)
+
+    def full_depth_settings(self, settings: Settings) -> Settings:
+        return Settings(**{**settings.__dict__, "policy": "fixed", "depth": settings.max_loops})
+
+    # --- teacher-forced quality -------------------------------------------------------------
+    def agreement_with(self, prompt: str, chat: bool, reference_ids: list[int], settings: Settings) -> dict:
+        """Teacher-forced on the full-depth answer: the policy's exit depths and their quality."""
+        loaded = self.current
+        prompt_ids = encode_prompt(loaded.tokenizer, prompt, chat)
+        scores = score_ids(loaded.model, prompt_ids + reference_ids, first=len(prompt_ids))
+        policy = settings.policy_object()
+        point = evaluate_depths(scores, replay(scores, policy, settings.max_loops), policy, settings.threshold)
+        return point.to_dict()
+
+    def sweep(self, text: str, policy_name: str, measure: str, current: Settings, max_tokens: int = 384) -> dict:
+        """Quality vs compute over thresholds for ``policy_name`` + fixed-depth baselines + the current setting."""
+        if not text or not text.strip():
+            raise ServiceError("The sweep text is empty: paste a paragraph or use the default text.")
+        loaded = self.current
+        if policy_name == "halting" and not loaded.model.has_halting_heads:
+            raise ServiceError("This model has no halting heads (train them with `python -m model.train exits`).")
+        ids = loaded.tokenizer(text).input_ids[: max_tokens + 1]
+        scores = score_ids(loaded.model, ids)
+        family = [p.to_dict() for p in sweep(scores, policy_name, measure=measure)]
+        fixed = [p.to_dict() for p in fixed_depth_points(scores)]
+        policy = current.policy_object()
+        here = evaluate_depths(scores, replay(scores, policy, current.max_loops), policy, current.threshold)
+        return {"family": family, "fixed": fixed, "current": {**here.to_dict(), "label": current.label()},
+                "tokens": len(scores.token_ids), "policy": policy_name, "measure": measure}
+
+    def policy_for(self, settings: Settings):
+        return make_policy(settings.policy, settings.threshold, settings.depth, settings.measure)
+
+
+__all__ = ["Loaded", "ModelService", "ServiceError"]

@@ -1,0 +1,71 @@
+"""UI settings: limits and validation at the boundary (clear messages, no stack traces)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from model.policies import CONFIDENCE_MEASURES, make_policy
+
+MAX_NEW_TOKENS = 256
+MAX_PROMPT_TOKENS = 1024
+MAX_PROMPT_CHARS = 20_000
+POLICY_CHOICES = ["confidence", "saturation", "fixed", "halting"]
+KV_CHOICES = ["sync", "copy"]
+
+
+class SettingsError(ValueError):
+    """An out-of-range or inconsistent setting; the message says what is allowed."""
+
+
+@dataclass
+class Settings:
+    policy: str = "confidence"
+    threshold: float = 0.5
+    depth: int = 1  # for the fixed-depth policy
+    measure: str = "max_prob"
+    max_loops: int | None = None  # None: the model's loops
+    kv_mode: str = "sync"
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1
+    seed: int = 0
+    chat: bool = True
+
+    def validated(self, num_loops: int) -> "Settings":
+        """Check every field against the loaded model; raise ``SettingsError`` otherwise."""
+        if self.policy not in POLICY_CHOICES:
+            raise SettingsError(f"policy must be one of {POLICY_CHOICES}")
+        if self.measure not in CONFIDENCE_MEASURES:
+            raise SettingsError(f"confidence measure must be one of {CONFIDENCE_MEASURES}")
+        if self.kv_mode not in KV_CHOICES:
+            raise SettingsError(f"KV mode must be one of {KV_CHOICES}")
+        low = -1.0 if self.policy == "saturation" else 0.0
+        if self.threshold is None or not low <= float(self.threshold) <= 1.0:
+            raise SettingsError(f"threshold must be between {low} and 1 for the {self.policy} policy")
+        max_loops = num_loops if self.max_loops in (None, 0) else int(self.max_loops)
+        if not 1 <= max_loops <= num_loops:
+            raise SettingsError(f"max loops must be between 1 and {num_loops} for this model")
+        if not 1 <= int(self.depth) <= num_loops:
+            raise SettingsError(f"fixed depth must be between 1 and {num_loops}")
+        if not 1 <= int(self.max_new_tokens) <= MAX_NEW_TOKENS:
+            raise SettingsError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise SettingsError("temperature must be between 0 (greedy) and 2")
+        if not 0.05 <= float(self.top_p) <= 1.0:
+            raise SettingsError("top-p must be between 0.05 and 1")
+        if not 1.0 <= float(self.repetition_penalty) <= 2.0:
+            raise SettingsError("repetition penalty must be between 1 and 2")
+        if not 0 <= int(self.seed) < 2**31:
+            raise SettingsError("seed must be a non-negative integer")
+        return Settings(**{**asdict(self), "max_loops": max_loops, "depth": int(self.depth),
+                           "max_new_tokens": int(self.max_new_tokens), "seed": int(self.seed),
+                           "threshold": float(self.threshold)})
+
+    def policy_object(self):
+        return make_policy(self.policy, self.threshold, self.depth, self.measure)
+
+    def label(self) -> str:
+        if self.policy == "fixed":
+            return f"fixed depth {self.depth}"
+        measure = f" ({self.measure})" if self.policy == "confidence" else ""
+        return f"{self.policy}{measure} ≥ {self.threshold:.2f}"

@@ -1,0 +1,129 @@
+"""The dashboard served over HTTP, driven by gradio_client (tiny random model for speed)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from gradio_client import Client
+
+from dashboard import render
+from dashboard.service import ModelService
+from model import GenerationTrace, recursify
+from tests.conftest import tiny_llama
+from tests.dashboard_helpers import launch, live_args
+
+
+@pytest.fixture(scope="module")
+def app(smol_tokenizer):
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=3, lora_rank=4)
+    service = ModelService.from_model(rec, smol_tokenizer, "tiny random recursive model")
+    demo, url = launch(service)
+    yield service, Client(url, verbose=False)
+    demo.close()
+
+
+def trace_of(result) -> GenerationTrace:
+    path = result[5]  # the State output is not part of the API
+    return GenerationTrace.from_dict(json.load(open(path)))
+
+
+def test_every_event_has_an_api_name(app):
+    _, client = app
+    names = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert {"/generate", "/token_details", "/compare", "/sweep", "/load_model"} <= names
+
+
+@pytest.mark.parametrize("policy,threshold", [("confidence", 0.0), ("fixed", 0.5), ("saturation", 0.2)])
+def test_generate_colours_and_counters_agree_with_the_trace(app, policy, threshold):
+    _, client = app
+    result = client.predict(*live_args(policy_v=policy, threshold_v=threshold, depth_v=2), api_name="/generate")
+    highlighted, counters_html = result[0], result[1]
+    trace = trace_of(result)
+    assert trace.settings["policy"] == policy and trace.settings["max_new_tokens"] == 8
+    assert len(highlighted) == len(trace.steps) >= 1
+    for item, step in zip(highlighted, trace.steps):
+        assert item["class_or_confidence"] == render.depth_label(step.depth)
+    if policy == "confidence":
+        assert {s.depth for s in trace.steps} == {1}  # threshold 0 stops every token after loop 1
+    if policy == "fixed":
+        assert {s.depth for s in trace.steps} == {2}
+    totals = trace.totals()
+    assert f"{totals['avg_depth']:.2f} / 3" in counters_html
+    assert f"{totals['block_flops_saved_pct']:.1f}%" in counters_html
+    assert "finish reason" in result[6]
+
+
+def test_token_details_show_per_loop_signals(app):
+    service, client = app
+    result = client.predict(*live_args(policy_v="confidence", threshold_v=1.0), api_name="/generate")
+    trace = trace_of(result)
+    html = render.token_details(trace, 0)
+    assert "top-5 candidates" in html and html.count("<tr>") == 1 + 3  # header + three loops
+
+
+@pytest.mark.parametrize("override,message", [  # gradio's own bounds checks or ours: both clear
+    (dict(prompt_v="   "), "prompt is empty"),
+    (dict(threshold_v=1.5), "greater than maximum value 1.0"),
+    (dict(threshold_v=-0.5), "threshold must be between 0.0 and 1"),
+    (dict(max_new_v=10_000), "greater than maximum value 256"),
+    (dict(max_loops_v=9), "greater than maximum value 3"),
+    (dict(policy_v="halting"), "halting heads"),
+    (dict(kv_v="teleport"), "teleport"),
+])
+def test_bad_input_gets_a_clear_message_and_no_stack_trace(app, override, message):
+    _, client = app
+    with pytest.raises(Exception) as info:
+        client.predict(*live_args(**override), api_name="/generate")
+    text = str(info.value)
+    assert message in text and "Traceback" not in text and 'File "' not in text
+
+
+def test_over_long_prompt_is_truncated_not_rejected(app):
+    _, client = app
+    result = client.predict(*live_args(prompt_v="word " * 3000, max_new_v=2), api_name="/generate")
+    trace = trace_of(result)
+    assert trace.prompt_tokens <= 1024 + 64 and len(trace.steps) >= 1
+
+
+def test_compare_runs_the_columns_and_reports_quality(app):
+    _, client = app
+    cols = [True, "fixed", 0.5, 3, True, "fixed", 0.5, 1, True, "confidence", 0.0, 1, False, "saturation", 0.9, 1]
+    result = client.predict("Hello there", 6, *cols, api_name="/compare")
+    texts, counters = result[:4], result[4:8]
+    assert all(len(t) >= 1 for t in texts[:3]) and texts[3] == []
+    assert "agreement <b>1.00</b> at 100% compute" in counters[0]  # full depth agrees with itself
+    assert all("3 loops" == t["class_or_confidence"] for t in texts[0])
+    assert all("1 loop" == t["class_or_confidence"] for t in texts[1])
+    assert result[-1] == "Done."
+
+
+def test_sweep_returns_pareto_figures(app):
+    _, client = app
+    result = client.predict("The quick brown fox jumps over the lazy dog. " * 3, "confidence", "max_prob",
+                            "confidence", 0.5, 1, "max_prob", 3, api_name="/sweep")
+    assert "thresholds of confidence" in result[2] and "current setting" in result[2]
+    fig = json.loads(result[0]["plot"])
+    names = [d.get("name", "") for d in fig["data"]]
+    assert any("fixed depth" in n for n in names) and any(n.startswith("current") for n in names)
+
+
+def test_loading_an_unknown_model_is_a_clear_error(app):
+    _, client = app
+    with pytest.raises(Exception, match="unknown model"):
+        client.predict("/no/such/checkpoint", api_name="/load_model")
+
+
+def test_a_client_that_goes_away_stops_its_generation(app):
+    service, client = app
+    before = service.generations_started
+    job = client.submit(*live_args(max_new_v=256, policy_v="fixed", depth_v=3), api_name="/generate")
+    deadline = time.time() + 60
+    while service.generations_started == before and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    job.cancel()
+    deadline = time.time() + 30
+    while service.last_finish_reason != "cancelled" and time.time() < deadline:
+        time.sleep(0.1)
+    assert service.last_finish_reason == "cancelled"
