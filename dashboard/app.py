@@ -23,7 +23,7 @@ PLOT_EVERY_S = 0.8  # refresh the live figures at most this often while streamin
 USER_ERRORS = (ServiceError, SettingsError, ValueError)
 
 INTRO = """
-# 🔁 Adaptive-Depth Lab
+# Adaptive-Depth Lab
 A **recursive** language model runs one block of shared layers in **loops**. For every new token a
 policy decides after each loop whether to stop — so easy tokens can leave early and hard ones go deep.
 Each token below is coloured by the **number of loops** it used (light = shallow, dark = deep);

@@ -30,7 +30,14 @@ def highlighted(trace: GenerationTrace | None) -> list[tuple[str, str]]:
     """(token text, depth label) pairs for ``gr.HighlightedText``."""
     if trace is None:
         return []
-    return [(s.text if s.text else "∅", depth_label(s.depth)) for s in trace.steps]
+    return [(_visible(s.text), depth_label(s.depth)) for s in trace.steps]
+
+
+def _visible(text: str) -> str:
+    """Keep every token clickable and coloured: mark newlines (↵) and empty pieces (∅)."""
+    if not text:
+        return "∅"
+    return text.replace("\n", "↵\n")
 
 
 def _fmt_flops(x: float) -> str:
