@@ -1,0 +1,806 @@
+"""Continuous depth-wise batching (CDB): many requests, ONE call of the shared block per engine step.
+
+A recursive model runs the same block at every loop, so tokens at different loop depths, from
+different requests, can share one call of it (RRT §3.6, MoR §4.7). ``BatchEngine`` is that engine,
+and the baselines in the same code (``strategy=``):
+
+- ``"cdb"``: continuous depth-wise batching. Every in-flight request contributes one item per step
+  at whatever loop it is at; a token that exits frees its slot at once and the request's next token
+  enters the next step; new requests are admitted as soon as there is room.
+- ``"ee_sequence"``: early exit under sequence batching. Items run in lockstep: the next tokens of
+  the batch enter together only when every item of the current iteration has exited, so exited
+  tokens wait (idle) for the deepest one: the synchronisation problem.
+- ``"csb"``: continuous sequence batching at full depth (iteration-level scheduling, Orca/vLLM):
+  lockstep, every token runs all loops, requests join and leave at iteration boundaries.
+- ``"static"``: static batching at full depth: a batch is admitted only when the previous one has
+  completely finished, and runs until its longest request ends.
+
+One step (nano-vllm's ``LLMEngine.step``: schedule, run, postprocess)::
+
+    Scheduler.schedule() -> SchedulerOutput           which (request, loop) items run, who idles
+    BatchEngine._run:   embed + prelude (tokens that enter)
+                        ONE call of the shared block (K layers) over every item, any loop depth
+                        coda (prefill chunks that finished, "sync" catch-up rows that reached the end)
+                        decisions (halting head / cosine / probe logits), coda + norm + head for
+                        the items that exit (and for the probes of confidence policies)
+    BatchEngine._postprocess: sample, stop rules, deeper KV of exited tokens, traces, events
+
+Inside a layer call (``BlockRunner``) the big matmuls run once over all tokens of all items (the
+shared projection weights are the very same tensors at every loop position); each position's
+RMSNorm weights and LoRA pair are applied per group of consecutive items at that position;
+attention runs per item against its own request's cache (sdpa with the library's interface).
+
+Each request keeps its own ``AdaptiveDecoder`` (engine.py) for the per-sequence state: the
+``DynamicCache`` keyed by unrolled layer position, the KV mode (``"copy"``/``"sync"``), the
+waiting tokens of "sync" and the prefix invariant. The engine re-creates ``AdaptiveDecoder.step``
+item by item, so under greedy decoding a request's tokens equal its solo run through
+``model.engine.generate``. MoR's KV modes ("recursion", "share") would be further values of the
+request's ``kv_mode`` handled in ``_loop_segment``/``_finish_token`` (what a loop writes, what
+it reads); the scheduler does not care.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from .compute import add_into
+from .engine import (
+    AdaptiveDecoder,
+    EngineInputError,
+    Sampling,
+    _choose,
+    _eos_ids,
+    _loop_signal,
+    _Waiting,
+    as_recursive,
+    describe_model,
+)
+from .modeling import RecursiveForCausalLM, causal_mask
+from .policies import DepthPolicy, FixedDepth, Observation
+from .trace import GenerationTrace, TokenStep
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("cdb", "ee_sequence", "csb", "static")
+FULL_DEPTH_STRATEGIES = ("csb", "static")  # these ignore the request's policy: every token runs all loops
+LOCKSTEP_STRATEGIES = ("ee_sequence", "csb", "static")  # next tokens enter only when the iteration ended
+
+
+class EngineFullError(RuntimeError):
+    """The engine refuses a request because a bound is reached (queue full); retry later."""
+
+
+# --- plain data: requests, events, the scheduling decision, the log -------------------------------
+@dataclass
+class Request:
+    """One generation request. ``policy=None`` means full depth. A policy object carries state
+    (e.g. a seeded random policy): give every request its own instance."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 64
+    policy: DepthPolicy | None = None
+    kv_mode: str = "sync"  # "sync" | "copy" (engine.KV_MODES)
+    max_loops: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    request_id: str | None = None  # assigned by the engine when None
+    prompt: str = ""  # the text, for the trace only
+    on_event: Callable[["RequestEvent"], None] | None = None  # called from the engine's thread
+
+
+@dataclass
+class RequestEvent:
+    """What a request's listener receives: a new token, or the end (``finished``)."""
+
+    request_id: str
+    step: TokenStep | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" | "length" | "stop" | "cancelled"
+
+
+@dataclass
+class ScheduledItem:
+    """One request's share of one engine step."""
+
+    request_id: str
+    kind: str  # "decode" (a generated token's loop) | "prefill" (a prompt chunk's loop)
+    loop: int  # loop of the shared block run this step, 1..num_loops
+    tokens: int  # query tokens in the block call (decode: 1 + "sync" catch-up rows; prefill: chunk size)
+    head: bool = False  # the token exited after this loop: coda + norm + head ran for it this step
+
+
+@dataclass
+class SchedulerOutput:
+    """The scheduling decision of one step (what the runner consumes; vLLM's ``SchedulerOutput``)."""
+
+    step: int  # engine step index
+    items: list[ScheduledItem]  # what runs in this step's single block call
+    admitted: list[str]  # requests moved from the queue into the running set this step
+    idle: list[str]  # running requests with nothing scheduled (waiting for the iteration barrier)
+    queued: int  # requests still in the queue after admission
+
+
+@dataclass
+class StepRecord:
+    """One row of the schedule log (JSON-serialisable via ``asdict``)."""
+
+    step: int
+    start_s: float  # seconds since the engine's first step
+    wall_ms: float  # whole step: schedule + run + postprocess
+    overhead_ms: float  # scheduling, gathering/scattering, bookkeeping (not model kernels)
+    batch_tokens: int  # query tokens in the block call
+    items: list[ScheduledItem]
+    idle: list[str]
+    admitted: list[str]
+    queued: int
+
+
+@dataclass
+class RequestResult:
+    """A finished request: tokens, trace and timings (seconds on the engine's clock)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    trace: GenerationTrace
+    submitted_s: float
+    first_token_s: float | None
+    finished_s: float
+    token_times_s: list[float]  # when each token was emitted
+
+
+# --- the batched layer call ---------------------------------------------------------------------
+@dataclass
+class Segment:
+    """Consecutive tokens of one request that run the same layer positions in one call."""
+
+    hidden: torch.Tensor  # (m, d) residual stream
+    token_positions: list[int]  # (m,) absolute positions of the tokens (RoPE, causal mask)
+    layer_positions: Sequence[int]  # unrolled layer positions to run, in order
+    cache: DynamicCache  # the request's cache (written at every layer position run)
+
+
+class BlockRunner:
+    """Runs decoder layers over segments of many requests at once (one job: the batched forward).
+
+    At layer j every segment runs its own position ``layer_positions[j]``; all those positions must
+    map to the same unique layer (same shared weights). The shared projections run once over all
+    N tokens; RMSNorm weights and LoRA per group of consecutive segments at one position; attention
+    per segment against its own cache. Exactly ``LlamaDecoderLayer.forward`` per token.
+    """
+
+    def __init__(self, model: RecursiveForCausalLM):
+        self.inner = model.model
+        self.cfg = model.config
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
+        self.gather_s = 0.0  # time spent assembling and splitting batches (engine overhead)
+
+    @torch.no_grad()
+    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Returns the new hidden states, (m_i, d) per segment, in the order given."""
+        if not segments:
+            return []
+        t0 = time.perf_counter()
+        depth = len(segments[0].layer_positions)
+        assert all(len(s.layer_positions) == depth for s in segments), "segments must run equally many layers"
+        order = sorted(range(len(segments)), key=lambda i: segments[i].layer_positions[0] if depth else 0)
+        segs = [segments[i] for i in order]
+        bounds = list(itertools.accumulate([0] + [s.hidden.shape[0] for s in segs]))
+        x = torch.cat([s.hidden for s in segs], dim=0)  # (N, d)
+        device = x.device
+        pos = torch.tensor([p for s in segs for p in s.token_positions], device=device)[None]  # (1, N)
+        cos, sin = self.inner.rope(x[None], pos) if depth else (None, None)  # (1, N, head_dim) each
+        self.gather_s += time.perf_counter() - t0
+        for j in range(depth):
+            x = self._layer(x, [s.layer_positions[j] for s in segs], segs, bounds, cos, sin)
+        t0 = time.perf_counter()
+        outs = [x[bounds[i]:bounds[i + 1]] for i in range(len(segs))]
+        result: list[torch.Tensor] = [None] * len(segs)  # type: ignore[list-item]
+        for k, i in enumerate(order):
+            result[i] = outs[k]
+        self.gather_s += time.perf_counter() - t0
+        return result
+
+    def _groups(self, positions: list[int], bounds: list[int]) -> list[tuple[int, int, int]]:
+        """(layer position, token start, token end) for runs of consecutive segments at one position."""
+        groups: list[tuple[int, int, int]] = []
+        for i, p in enumerate(positions):
+            if groups and groups[-1][0] == p:
+                groups[-1] = (p, groups[-1][1], bounds[i + 1])
+            else:
+                groups.append((p, bounds[i], bounds[i + 1]))
+        return groups
+
+    def _norm(self, x: torch.Tensor, groups, which: str) -> torch.Tensor:
+        """LlamaRMSNorm with each group's own weight: ``w_p * (x / rms(x))`` (x: (N, d))."""
+        first = getattr(self.inner.layers[groups[0][0]], which)
+        xf = x.to(torch.float32)
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + first.variance_epsilon)).to(x.dtype)
+        if len(groups) == 1:
+            return first.weight * normed
+        out = torch.empty_like(normed)
+        for p, a, b in groups:
+            out[a:b] = getattr(self.inner.layers[p], which).weight * normed[a:b]
+        return out
+
+    def _project(self, x: torch.Tensor, groups, owner: str, name: str) -> torch.Tensor:
+        """Shared linear over all N tokens once, plus each group's LoRA: (N, d_in) -> (N, d_out)."""
+        first = getattr(getattr(self.inner.layers[groups[0][0]], owner), name)
+        shared = first.shared
+        y = F.linear(x, shared.weight, shared.bias)
+        for p, a, b in groups:
+            lora = getattr(getattr(self.inner.layers[p], owner), name)
+            assert lora.shared is shared, f"position {p} does not share {name} with position {groups[0][0]}"
+            if lora.rank > 0:
+                y[a:b] = y[a:b] + F.linear(F.linear(x[a:b], lora.lora_A), lora.lora_B)
+        return y
+
+    def _layer(self, x, positions, segs, bounds, cos, sin) -> torch.Tensor:
+        groups = self._groups(positions, bounds)
+        n, e = x.shape[0], self.cfg.head_dim
+        residual = x
+        h = self._norm(x, groups, "input_layernorm")
+        q = self._project(h, groups, "self_attn", "q_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
+        k = self._project(h, groups, "self_attn", "k_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
+        v = self._project(h, groups, "self_attn", "v_proj").view(n, -1, e).transpose(0, 1)[None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        outs = []
+        for i, seg in enumerate(segs):
+            a, b = bounds[i], bounds[i + 1]
+            attn = self.inner.layers[positions[i]].self_attn
+            keys, values = seg.cache.update(k[:, :, a:b], v[:, :, a:b], positions[i])
+            mask = None if b - a == 1 else causal_mask(b - a, keys.shape[2], x.dtype, x.device)
+            out, _ = self.attention(attn, q[:, :, a:b], keys, values, mask, dropout=0.0, scaling=attn.scaling)
+            outs.append(out.reshape(b - a, -1))  # (m, H*e)
+        h = self._project(torch.cat(outs, dim=0), groups, "self_attn", "o_proj")
+        x = residual + h
+        residual = x
+        h = self._norm(x, groups, "post_attention_layernorm")
+        act = self.inner.layers[groups[0][0]].mlp.act_fn
+        h = act(self._project(h, groups, "mlp", "gate_proj")) * self._project(h, groups, "mlp", "up_proj")
+        return residual + self._project(h, groups, "mlp", "down_proj")
+
+
+# --- per-request state ------------------------------------------------------------------------------
+@dataclass
+class _Token:
+    """The token a request is computing now (one ``AdaptiveDecoder.step`` spread over engine steps)."""
+
+    token_id: int
+    position: int
+    started_s: float
+    loop: int = 0  # loops done
+    hidden: torch.Tensor | None = None  # (1, d) residual stream after ``loop`` loops
+    entering: torch.Tensor | None = None  # (1, d) stream entering the last loop
+    rows: list[_Waiting] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
+    caught_up: set = field(default_factory=set)
+    loops: list = field(default_factory=list)  # LoopSignal per loop
+    flops: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # probe / exit logits after the current loop
+    probs: torch.Tensor | None = None
+    halting: float | None = None
+    stop: bool = False
+    reason: str = ""
+
+
+@dataclass
+class _Chunk:
+    """A prompt chunk being prefilled loop by loop."""
+
+    ids: list[int]
+    start: int  # position of its first token
+    loop: int = 0
+    hidden: torch.Tensor | None = None  # (m, d)
+
+
+class RequestState:
+    """A request in the engine: its decoder (cache, KV mode, waiting tokens), trace and progress."""
+
+    def __init__(self, request: Request, model: RecursiveForCausalLM, tokenizer, policy: DepthPolicy,
+                 submitted_s: float, model_desc: dict):
+        self.request = request
+        self.id = request.request_id
+        self.dec = AdaptiveDecoder(model, policy, request.kv_mode, request.max_loops)
+        self.tokenizer = tokenizer
+        self.ids = list(request.prompt_ids)
+        self.to_prefill = list(request.prompt_ids[:-1])
+        self.prefilled = 0
+        self.chunk: _Chunk | None = None
+        self.token: _Token | None = None
+        self.generated: list[int] = []
+        self.text_so_far = ""
+        self.generator = torch.Generator().manual_seed(request.sampling.seed)
+        self.processors = request.sampling.processors()
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.prefill_started_s: float | None = None
+        self.submitted_s = submitted_s
+        self.first_token_s: float | None = None
+        self.token_times: list[float] = []
+        self.finish_reason: str | None = None
+        s = request.sampling
+        settings = {**policy.describe(), "kv_mode": request.kv_mode, "max_loops": self.dec.max_loops,
+                    "max_new_tokens": request.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                    "repetition_penalty": s.repetition_penalty, "seed": s.seed, "stop": list(request.stop)}
+        self.trace = GenerationTrace(prompt=request.prompt, prompt_tokens=len(request.prompt_ids),
+                                     settings=settings, model=model_desc)
+        self.trace.prefill = {"tokens": len(self.to_prefill), "flops": 0.0, "wall_ms": 0.0}
+
+    @property
+    def prefilling(self) -> bool:
+        return self.chunk is not None or self.prefilled < len(self.to_prefill)
+
+    @property
+    def busy(self) -> bool:
+        """Mid-way through a token or a prompt chunk (in lockstep strategies this holds the barrier)."""
+        return self.chunk is not None or self.token is not None
+
+
+# --- the scheduler --------------------------------------------------------------------------------
+class Scheduler:
+    """Holds the queue and the running set; decides each step's items (one job: the decision).
+
+    Bounds: at most ``max_requests`` running; ``max_batch_tokens`` query tokens per block call
+    (tokens already mid-flight always run, "sync" catch-up rows included; new prompt chunks get
+    what is left, at most ``prefill_chunk`` each); at most ``max_queue`` queued (beyond: refusal).
+    """
+
+    def __init__(self, strategy: str, max_requests: int, max_batch_tokens: int, prefill_chunk: int, max_queue: int):
+        if strategy not in STRATEGIES:
+            raise EngineInputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, value in (("max_requests", max_requests), ("max_batch_tokens", max_batch_tokens),
+                            ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)):
+            if value < 1:
+                raise EngineInputError(f"{name} must be >= 1, got {value}")
+        if max_batch_tokens < max_requests:
+            raise EngineInputError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_requests ({max_requests})")
+        self.strategy = strategy
+        self.max_requests, self.max_batch_tokens = max_requests, max_batch_tokens
+        self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
+        self.queue: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self.steps = 0
+
+    def add(self, state: RequestState) -> None:
+        if len(self.queue) >= self.max_queue:
+            raise EngineFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        self.queue.append(state)
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def schedule(self) -> tuple[SchedulerOutput, list[tuple[RequestState, str, int]]]:
+        """Admit, then pick at most one item per running request. Returns the decision and, for the
+        runner, ``(state, action, chunk size)``: action "continue" (next loop of what is in flight),
+        "new_token" (the request's next token enters) or "new_chunk" (a prompt chunk enters)."""
+        admitted = []
+        can_admit = self.strategy != "static" or not self.running
+        lockstep = self.strategy in LOCKSTEP_STRATEGIES
+        barrier_open = not any(s.busy for s in self.running)
+        if lockstep and not barrier_open:
+            can_admit = False  # join at iteration boundaries only
+        while can_admit and self.queue and len(self.running) < self.max_requests:
+            state = self.queue.popleft()
+            self.running.append(state)
+            admitted.append(state.id)
+        work: list[tuple[RequestState, str, int]] = []
+        budget = self.max_batch_tokens
+        for state in self.running:  # tokens in flight first: they never wait for room
+            if state.busy:
+                work.append((state, "continue", 0))
+                budget -= len(state.chunk.ids) if state.chunk else 1 + _rows_next(state)
+            elif not state.prefilling and (not lockstep or barrier_open):
+                work.append((state, "new_token", 0))
+                budget -= 1
+        for state in self.running:  # prompt chunks fill what is left
+            if not state.busy and state.prefilling and budget > 0 and (not lockstep or barrier_open):
+                size = min(self.prefill_chunk, len(state.to_prefill) - state.prefilled, budget)
+                work.append((state, "new_chunk", size))
+                budget -= size
+        scheduled = {s.id for s, _, _ in work}
+        out = SchedulerOutput(step=self.steps, items=[], admitted=admitted,
+                              idle=[s.id for s in self.running if s.id not in scheduled], queued=len(self.queue))
+        self.steps += 1
+        return out, work
+
+
+def _rows_next(state: RequestState) -> int:
+    """"sync" catch-up rows that ride along the request's next loop."""
+    if state.token is None or state.dec.kv_mode != "sync":
+        return 0
+    return sum(1 for w in state.dec.waiting if w.depth == state.token.loop)
+
+
+# --- the engine ------------------------------------------------------------------------------------
+class BatchEngine:
+    """In-flight requests, one shared-block call per ``step()``. Not thread-safe: drive it from one
+    thread (``EngineWorker`` does that for servers).
+
+    >>> engine = BatchEngine(model, tokenizer, strategy="cdb", max_requests=16)
+    >>> rid = engine.submit(Request(prompt_ids=tokenizer("Hi").input_ids, policy=Confidence(0.8)))
+    >>> results = engine.run()              # {request_id: RequestResult}
+    >>> engine.schedule_log()               # [{step, items: [{request_id, loop, kind, tokens, head}], ...}]
+    """
+
+    def __init__(self, model, tokenizer=None, strategy: str = "cdb", max_requests: int = 16,
+                 max_batch_tokens: int = 512, prefill_chunk: int = 64, max_queue: int = 256,
+                 device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                 model_name: str | None = None, keep_log: bool = True):
+        model = as_recursive(model)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.config
+        self.strategy = strategy
+        self.scheduler = Scheduler(strategy, max_requests, max_batch_tokens, prefill_chunk, max_queue)
+        self.runner = BlockRunner(model)
+        self.model_desc = describe_model(model, model_name)
+        self.keep_log = keep_log
+        self.log: list[StepRecord] = []
+        self.results: dict[str, RequestResult] = {}
+        self._states: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self._t0 = time.perf_counter()
+        self._started = False
+        self.block_calls = 0
+        self.overhead_s = 0.0
+        self.step_s = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def now(self) -> float:
+        """Seconds on the engine's clock (since construction or ``reset_clock``)."""
+        return time.perf_counter() - self._t0
+
+    def reset_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    # --- requests in and out ------------------------------------------------------------------
+    def submit(self, request: Request) -> str:
+        """Validate and queue a request; returns its id. Raises ``EngineInputError`` (bad request)
+        or ``EngineFullError`` (queue full)."""
+        self._validate(request)
+        if request.request_id is None:
+            request.request_id = f"req-{next(self._ids)}"
+        if request.request_id in self._states or request.request_id in self.results:
+            raise EngineInputError(f"request id {request.request_id!r} is already in use")
+        policy = request.policy or FixedDepth(self.cfg.num_loops)
+        if self.strategy in FULL_DEPTH_STRATEGIES:
+            policy = FixedDepth(self.cfg.num_loops)
+        state = RequestState(request, self.model, self.tokenizer, policy, self.now(), self.model_desc)
+        if self.cfg.training is None and self.cfg.num_loops > 1:
+            state.trace.notes.append("untrained conversion: early exits of a converted model are poor until it "
+                                     "is trained")
+        state.trace.settings["strategy"] = self.strategy
+        self.scheduler.add(state)
+        self._states[request.request_id] = state
+        return request.request_id
+
+    def _validate(self, r: Request) -> None:
+        if not isinstance(r.prompt_ids, (list, tuple)) or not r.prompt_ids:
+            raise EngineInputError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in r.prompt_ids):
+            raise EngineInputError(f"prompt token ids must be integers in 0..{self.cfg.vocab_size - 1}")
+        if not 1 <= r.max_new_tokens <= 4096:
+            raise EngineInputError(f"max_new_tokens must be in 1..4096, got {r.max_new_tokens}")
+        limit = self.cfg.max_position_embeddings
+        if len(r.prompt_ids) + r.max_new_tokens > limit:
+            raise EngineInputError(f"the prompt has {len(r.prompt_ids)} tokens; with max_new_tokens="
+                                   f"{r.max_new_tokens} at most {limit - r.max_new_tokens} fit")
+        r.sampling.validate()
+        if r.policy is not None and r.policy.needs_halting and not self.model.has_halting_heads:
+            raise EngineInputError("the halting policy needs a model trained with halting heads; pick another policy")
+        r.stop = [s for s in (r.stop or []) if s]
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request (e.g. its client went away); True if it was still queued or running."""
+        state = self._states.get(request_id)
+        if state is None:
+            return False
+        if state in self.scheduler.queue:
+            self.scheduler.queue.remove(state)
+        self._finish(state, "cancelled")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return len(self.scheduler.queue) + len(self.scheduler.running)
+
+    def run(self, max_steps: int | None = None) -> dict[str, RequestResult]:
+        """Step until every submitted request has finished; returns all results so far."""
+        n = 0
+        while self.has_work() and (max_steps is None or n < max_steps):
+            self.step()
+            n += 1
+        return self.results
+
+    def schedule_log(self) -> list[dict]:
+        """The schedule log as plain JSON-serialisable dicts, one per step."""
+        return [asdict(r) for r in self.log]
+
+    # --- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> StepRecord | None:
+        """Schedule, run one block call, postprocess. Returns the step's record (None if idle)."""
+        t_start = time.perf_counter()
+        gather0 = self.runner.gather_s
+        decision, work = self.scheduler.schedule()
+        t_sched = time.perf_counter() - t_start
+        if not work:
+            return None
+        emitted = self._run(work, decision)
+        t_post = time.perf_counter()
+        for state in emitted:
+            self._emit(state)
+        t_end = time.perf_counter()
+        overhead = t_sched + (t_end - t_post) + (self.runner.gather_s - gather0) + self._bookkeeping_s
+        record = StepRecord(step=decision.step, start_s=t_start - self._t0, wall_ms=1000 * (t_end - t_start),
+                            overhead_ms=1000 * overhead, batch_tokens=sum(i.tokens for i in decision.items),
+                            items=decision.items, idle=decision.idle, admitted=decision.admitted,
+                            queued=decision.queued)
+        self.block_calls += 1
+        self.step_s += t_end - t_start
+        self.overhead_s += overhead
+        if self.keep_log:
+            self.log.append(record)
+        return record
+
+    def _run(self, work: list[tuple[RequestState, str, int]], decision: SchedulerOutput) -> list[RequestState]:
+        """Everything between the decision and sampling; returns the states whose token exited."""
+        t0 = time.perf_counter()
+        now = self.now()
+        cfg, items = self.cfg, decision.items
+        entering: list[tuple[RequestState, Segment]] = []  # embed + prelude
+        for state, action, size in work:
+            if action == "new_token":
+                state.token = _Token(token_id=state.ids[-1], position=state.dec.length, started_s=now)
+                state.dec.length += 1
+                entering.append((state, self._segment(state, [state.token.token_id], [state.token.position],
+                                                      cfg.prelude_positions)))
+            elif action == "new_chunk":
+                if state.prefill_started_s is None:
+                    state.prefill_started_s = now
+                start = state.prefilled
+                ids = state.to_prefill[start:start + size]
+                state.chunk = _Chunk(ids=ids, start=state.dec.length)
+                state.prefilled += size
+                entering.append((state, self._segment(state, ids, list(range(state.chunk.start,
+                                                                               state.chunk.start + size)),
+                                                      cfg.prelude_positions)))
+            items.append(ScheduledItem(state.id, "prefill" if state.chunk else "decode", 0, 0))
+        self._bookkeeping_s = time.perf_counter() - t0
+        if entering:
+            outs = self.runner.run([seg for _, seg in entering])
+            for (state, _), h in zip(entering, outs):
+                if state.chunk is not None and state.chunk.loop == 0:
+                    state.chunk.hidden = h
+                else:
+                    state.token.hidden = h
+                    add_into(state.token.flops, state.dec.costs.layers(cfg.prelude_positions, state.token.position + 1))
+        # ONE call of the shared block for every item, whatever its loop
+        t0 = time.perf_counter()
+        segments = [self._loop_segment(state) for state, _, _ in work]
+        for item, (state, _, _), seg in zip(items, work, segments):
+            item.loop = (state.chunk.loop if state.chunk else state.token.loop) + 1
+            item.tokens = seg.hidden.shape[0]
+        self._bookkeeping_s += time.perf_counter() - t0
+        outs = self.runner.run(segments)
+        coda: list[tuple[RequestState, Segment]] = []  # finished chunks, "sync" rows that reached the end
+        deciding: list[RequestState] = []
+        for (state, _, _), h in zip(work, outs):
+            if state.chunk is not None:
+                state.chunk.loop += 1
+                state.chunk.hidden = h
+                if state.chunk.loop == cfg.num_loops:
+                    coda.append((state, self._segment_h(state, h, list(range(state.chunk.start,
+                                                                              state.chunk.start + len(state.chunk.ids))),
+                                                        cfg.coda_positions)))
+            else:
+                seg = self._after_loop(state, h)
+                if seg is not None:
+                    coda.append((state, seg))
+                deciding.append(state)
+        if coda and cfg.num_coda:
+            self.runner.run([seg for _, seg in coda])
+        for state, _ in coda:
+            if state.chunk is not None:
+                self._finish_chunk(state)
+        exited = self._decide(deciding)
+        for item, (state, _, _) in zip(items, work):
+            item.head = state in exited
+        return exited
+
+    # --- pieces of the step ----------------------------------------------------------------------
+    def _segment(self, state: RequestState, ids: list[int], positions: list[int], layers) -> Segment:
+        hidden = self.model.model.embed_tokens(torch.tensor(ids, device=self.device))  # (m, d)
+        return Segment(hidden, positions, layers, state.dec.cache)
+
+    @staticmethod
+    def _segment_h(state: RequestState, hidden: torch.Tensor, positions: list[int], layers) -> Segment:
+        return Segment(hidden, positions, layers, state.dec.cache)
+
+    def _loop_segment(self, state: RequestState) -> Segment:
+        """The item's next loop: a prompt chunk, or the current token plus ("sync") the waiting
+        tokens that lack this loop, in position order (``AdaptiveDecoder._run_loop``)."""
+        if state.chunk is not None:
+            c = state.chunk
+            return Segment(c.hidden, list(range(c.start, c.start + len(c.ids))),
+                           self.cfg.loop_positions(c.loop + 1), state.dec.cache)
+        tok = state.token
+        loop = tok.loop + 1
+        tok.entering = tok.hidden
+        tok.rows = [w for w in state.dec.waiting if w.depth == loop - 1] if state.dec.kv_mode == "sync" else []
+        hidden = torch.cat([w.hidden.reshape(1, -1) for w in tok.rows] + [tok.hidden], dim=0)
+        positions = [w.position for w in tok.rows] + [tok.position]
+        return Segment(hidden, positions, self.cfg.loop_positions(loop), state.dec.cache)
+
+    def _after_loop(self, state: RequestState, h: torch.Tensor) -> Segment | None:
+        """Bookkeeping after a decode loop (``AdaptiveDecoder._advance``); returns the coda segment
+        of "sync" rows that reached the last loop (their coda KV is recomputed from the full state)."""
+        cfg, tok, dec = self.cfg, state.token, state.dec
+        tok.loop += 1
+        loop = tok.loop
+        tok.hidden = h[-1:]
+        add_into(tok.flops, dec.costs.layers(cfg.loop_positions(loop), tok.position + 1))
+        if not tok.rows:
+            return None
+        for i, w in enumerate(tok.rows):
+            w.hidden, w.depth = h[i:i + 1][None], loop
+            tok.caught_up.add(w.position)
+            add_into(tok.flops, dec.costs.layers(cfg.loop_positions(loop), w.position + 1), key="catchup")
+            if loop == cfg.num_loops:
+                add_into(tok.flops, dec.costs.layers(cfg.coda_positions, w.position + 1), key="catchup")
+        done = [w for w in tok.rows if w.depth == cfg.num_loops]
+        dec.waiting = [w for w in dec.waiting if w.depth < cfg.num_loops]
+        tok.rows = []
+        if not done or not cfg.num_coda:
+            return None
+        for p in cfg.coda_positions:
+            dec.cache.layers[p].crop(-len(done))
+        return Segment(torch.cat([w.hidden.reshape(1, -1) for w in done], dim=0), [w.position for w in done],
+                       cfg.coda_positions, dec.cache)
+
+    def _finish_chunk(self, state: RequestState) -> None:
+        c = state.chunk
+        costs = state.dec.costs
+        state.trace.prefill["flops"] += sum(costs.full_token(c.start + i + 1) - costs.head() for i in range(len(c.ids)))
+        state.dec.length += len(c.ids)
+        state.chunk = None
+        if not state.prefilling:
+            state.trace.prefill["wall_ms"] = 1000 * (self.now() - state.prefill_started_s)
+
+    def _decide(self, deciding: list[RequestState]) -> list[RequestState]:
+        """Exit decisions after this step's loop (``AdaptiveDecoder.step``): halting heads and cosines
+        first, then coda + norm + head for probes (confidence policies) and exits, batched."""
+        cfg = self.cfg
+        headed: list[RequestState] = []
+        for state in deciding:
+            tok, policy = state.token, state.dec.policy
+            tok.logits = tok.probs = tok.halting = None
+            if policy.needs_halting and tok.loop < cfg.num_loops:
+                tok.halting = float(torch.sigmoid(self.model.halting_logit(tok.loop, tok.hidden[None])[0, -1]))
+                add_into(tok.flops, {"decision": state.dec.costs.halting(cfg.halting_hidden)})
+            if policy.decision_cost == "cosine" and tok.loop < state.dec.max_loops:
+                add_into(tok.flops, {"decision": state.dec.costs.cosine()})
+            if policy.needs_logits:
+                headed.append(state)
+            else:
+                tok.stop, tok.reason = policy.decide(self._observation(state))
+                if tok.stop:
+                    headed.append(state)
+        if headed:
+            segs = [Segment(s.token.hidden, [s.token.position], cfg.coda_positions, s.dec.cache) for s in headed]
+            hidden = torch.cat(self.runner.run(segs), dim=0)  # (n, d)
+            logits = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
+            for i, state in enumerate(headed):
+                state.token.logits = logits[i]
+        exited = []
+        for state in deciding:
+            tok, dec = state.token, state.dec
+            if dec.policy.needs_logits:
+                tok.probs = torch.softmax(tok.logits.float(), -1)
+                ctx = tok.position + 1
+                probe_cost = sum(dec.costs.layers(cfg.coda_positions, ctx).values()) + dec.costs.head()
+                add_into(tok.flops, {"decision": probe_cost + dec.costs.softmax_signals()})
+                tok.stop, tok.reason = dec.policy.decide(self._observation(state))
+            tok.loops.append(_loop_signal(tok.loop, dec.policy, self._observation(state), tok.probs,
+                                          lambda probs: _top_tokens(self.tokenizer, probs)))
+            if tok.stop:
+                exited.append(state)
+            elif tok.logits is not None and cfg.num_coda:
+                for p in cfg.coda_positions:  # the probe's coda KV: undone, the token goes on
+                    dec.cache.layers[p].crop(-1)
+        return exited
+
+    @staticmethod
+    def _observation(state: RequestState) -> Observation:
+        tok = state.token
+        obs = Observation(tok.loop, state.dec.max_loops, tok.hidden[0], tok.entering[0], tok.probs)
+        obs.halting = tok.halting
+        return obs
+
+    # --- postprocess -------------------------------------------------------------------------------
+    def _emit(self, state: RequestState) -> None:
+        """Sample the exited token, apply the stop rules, store deeper KV, trace and notify."""
+        cfg, tok, dec = self.cfg, state.token, state.dec
+        ctx = tok.position + 1
+        if dec.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
+            tok.flops["decision"] -= sum(dec.costs.layers(cfg.coda_positions, ctx).values()) + dec.costs.head()
+        add_into(tok.flops, dec.costs.layers(cfg.coda_positions, ctx))
+        add_into(tok.flops, {"head": dec.costs.head()})
+        cos, sin = self.model.model.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
+        dec._store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
+        token = _choose(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
+                        state.generator)
+        now = self.now()
+        state.token = None
+        if token in state.eos_ids:
+            self._finish(state, "eos")
+            return
+        state.generated.append(token)
+        state.ids.append(token)
+        if state.first_token_s is None:
+            state.first_token_s = now
+        state.token_times.append(now)
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(state.generated, skip_special_tokens=True)
+            piece, state.text_so_far = full[len(state.text_so_far):], full
+        else:
+            piece = ""
+        kv, kv_full = dec.kv_entries()
+        step = TokenStep(index=len(state.generated) - 1, position=dec.length - 1, token_id=token, text=piece,
+                         depth=tok.loop, max_depth=dec.max_loops, exit_reason=tok.reason,
+                         signal_name=dec.policy.signal_name, threshold=dec.policy.threshold, loops=tok.loops,
+                         flops=tok.flops, flops_full=dec.costs.full_token(dec.length), kv_entries=kv,
+                         kv_entries_full=kv_full, caught_up=len(tok.caught_up),
+                         wall_ms=1000 * (now - tok.started_s))
+        state.trace.steps.append(step)
+        if state.request.on_event:
+            state.request.on_event(RequestEvent(state.id, step=step))
+        if any(s in state.text_so_far for s in state.request.stop):
+            self._finish(state, "stop")
+        elif len(state.generated) >= state.request.max_new_tokens:
+            self._finish(state, "length")
+
+    def _finish(self, state: RequestState, reason: str) -> None:
+        if state.finish_reason is not None:
+            return
+        state.finish_reason = reason
+        state.trace.finish_reason = reason
+        if state in self.scheduler.running:
+            self.scheduler.running.remove(state)
+        self._states.pop(state.id, None)
+        now = self.now()
+        self.results[state.id] = RequestResult(
+            request_id=state.id, token_ids=list(state.generated), text=state.text_so_far, finish_reason=reason,
+            trace=state.trace, submitted_s=state.submitted_s, first_token_s=state.first_token_s, finished_s=now,
+            token_times_s=list(state.token_times))
+        if state.request.on_event:
+            state.request.on_event(RequestEvent(state.id, finished=True, finish_reason=reason))
+
+    _bookkeeping_s = 0.0
+
+
+def _top_tokens(tokenizer, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+    top = torch.topk(probs, k)
+    return [(tokenizer.decode([int(i)]) if tokenizer is not None else str(int(i)), float(p))
+            for p, i in zip(top.values, top.indices)]
