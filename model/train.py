@@ -1,0 +1,469 @@
+"""Uptraining by distillation and early-exit post-training, on ``accelerate``, resumable.
+
+Two commands (METHODS.md §3.4, §3.5, §3.8)::
+
+    python -m model.train uptrain --base smollm2-135m --loops 2 --sharing middle_cycle --init average \\
+        --lora-rank 128 --lora-init asvd --tokens 1M --out .cache/runs/rrt
+    python -m model.train exits --from .cache/runs/rrt --tokens 300k --out .cache/runs/rrt-ee
+
+``uptrain`` converts the base (``recursify``), optionally re-initialises the LoRA factors
+activation-aware (``model.asvd``), and distils the teacher's next-token distribution into the
+recursive model (forward or reverse KL at a temperature, optional CE term). ``exits`` continues
+from an uptrained run with the RRT early-exit recipe (final loop weight 1; intermediate loops
+"aggressive" ``c`` x (CE + KL toward the detached final loop)) and trains one halting head per loop
+boundary (BCE toward ``1[argmax at loop r == argmax at the final loop]``).
+
+A run folder holds ``checkpoint/`` (a loadable model folder plus ``trainer_state.pt``: optimizer,
+scheduler, RNG, step, tokens seen and data position; replaced atomically), ``log.txt`` and
+``metrics.jsonl``. Rerunning the same command resumes from ``checkpoint/``; a killed run loses at
+most one ``--save-every`` interval. ``accelerate launch -m model.train ...`` runs the same code on
+several devices (each process takes its slice of every global batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+log = logging.getLogger("model.train")
+
+CHECKPOINT = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+
+
+# --- small helpers ------------------------------------------------------------------------------
+def parse_tokens(text: str) -> int:
+    """``"300k"`` -> 300000, ``"1.5M"`` -> 1500000, ``"4096"`` -> 4096."""
+    text = str(text).strip().lower().replace("_", "")
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = float(number) * scale
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096, 300k, 1M)") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"token count must be positive, got {text!r}")
+    return int(value)
+
+
+def run_model_folder(path: str | Path) -> Path:
+    """A run folder (``<run>/checkpoint``) or a model folder -> the folder ``load_model`` reads."""
+    path = Path(path)
+    return path / CHECKPOINT if (path / CHECKPOINT / "config.json").exists() else path
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+            kind: str = "forward_kl") -> torch.Tensor:
+    """Mean per-token KL between teacher and student next-token distributions (x T^2).
+
+    ``forward_kl``: KL(p_T || p_S) (mass-covering, the usual KD); ``reverse_kl``: KL(p_S || p_T).
+    """
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        kl = (t.exp() * (t - s)).sum(-1)
+    elif kind == "reverse_kl":
+        kl = (s.exp() * (s - t)).sum(-1)
+    else:
+        raise ValueError(f"unknown KD loss {kind!r}")
+    return kl.mean() * temperature**2
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def set_trainable(model: torch.nn.Module, which: str) -> list[str]:
+    """``all``: every parameter; ``lora``: LoRA factors, RMSNorm weights and halting heads only
+    (the shared block, embeddings and head frozen). Returns the trainable names."""
+    names = []
+    for name, param in model.named_parameters():
+        train = which == "all" or "lora_" in name or "norm" in name or "halting_heads" in name
+        param.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # training tokens consumed (all processes)
+    epoch: int = 0  # passes over the training split
+    row: int = 0  # rows of this epoch's order consumed (all processes)
+    wall_seconds: float = 0.0
+    history: list = field(default_factory=list)  # validation records
+
+
+# --- model construction -------------------------------------------------------------------------
+def build_uptrain_model(args, teacher):
+    """``recursify`` the teacher as the flags say; ASVD-initialise the LoRA factors if asked."""
+    from .recursify import recursify
+
+    rec = recursify(teacher, num_loops=args.loops, sharing=args.sharing, init=args.init,
+                    lora_rank=args.lora_rank, block_size=args.block_size, base_name=args.base)
+    if args.lora_init == "asvd" and args.lora_rank > 0:
+        from .asvd import apply_asvd_, cached_covariances
+
+        covs = cached_covariances(teacher, args.base, num_sequences=args.calib_sequences,
+                                  seq_len=args.seq_len, seed=args.seed + 1234)
+        apply_asvd_(rec, teacher, covs, damping=args.asvd_damping)
+    return rec
+
+
+def add_halting_heads(model, width: int):
+    """A copy of ``model`` with ``config.halting_hidden = width`` (fresh heads, other weights kept)."""
+    from .modeling import RecursiveForCausalLM
+
+    if model.config.halting_hidden == width:
+        return model
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.halting_hidden = width
+    torch.manual_seed(0)
+    new = RecursiveForCausalLM(config).to(next(model.parameters()).dtype)
+    result = new.load_state_dict(model.state_dict(), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k.startswith("halting_heads") or k == "lm_head.weight" for k in result.missing_keys), result.missing_keys
+    new.tie_weights()
+    return new
+
+
+# --- losses per stage -----------------------------------------------------------------------------
+def uptrain_loss(model, teacher_logits, ids, args) -> tuple[torch.Tensor, dict]:
+    logits = model(input_ids=ids).logits
+    kd = kd_loss(logits, teacher_logits, args.kd, args.loss)
+    loss = kd
+    ce = next_token_ce(logits, ids) if args.ce_weight > 0 else None
+    if ce is not None:
+        loss = loss + args.ce_weight * ce
+    return loss, {"kd": float(kd.detach()), **({"ce": float(ce.detach())} if ce is not None else {})}
+
+
+def exits_loss(model, teacher_logits, ids, args) -> tuple[torch.Tensor, dict]:
+    """RRT post-training: final loop as in uptraining; each earlier loop c*(CE + KL to detached final);
+    halting heads by BCE on detached hidden states."""
+    unwrapped = getattr(model, "module", model)
+    out = model(input_ids=ids, output_loop_logits=True)
+    final = out.loop_logits[-1]
+    kd = kd_loss(final, teacher_logits, args.kd, args.loss)
+    loss, stats = kd, {"kd": float(kd.detach())}
+    final_top = final.detach().argmax(-1)
+    for r, logits in enumerate(out.loop_logits[:-1], start=1):
+        ce = next_token_ce(logits, ids)
+        self_kd = kd_loss(logits, final.detach(), 1.0, "forward_kl")
+        loss = loss + args.exit_weight * (ce + args.self_kd_weight * self_kd)
+        target = (logits.detach().argmax(-1) == final_top).float()
+        normed = unwrapped.model.norm(out.loop_hidden_states[r - 1].detach()).detach()
+        halt = unwrapped.halting_heads[r - 1](normed)
+        bce = F.binary_cross_entropy_with_logits(halt.float(), target)
+        loss = loss + args.halting_weight * bce
+        stats.update({f"ce_loop{r}": float(ce.detach()), f"self_kd_loop{r}": float(self_kd.detach()), f"bce_loop{r}": float(bce.detach()),
+                      f"agree_loop{r}": float(target.mean())})
+    return loss, stats
+
+
+# --- validation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, teacher, batches: list[torch.Tensor], device) -> dict:
+    """Per-loop perplexity, KL to the teacher and top-1 agreement on fixed validation rows."""
+    was_training = model.training
+    model.eval()
+    nll, kl, agree, count = None, None, None, 0
+    for ids in batches:
+        ids = ids.to(device)
+        t = teacher(input_ids=ids).logits[:, :-1].float()
+        loops = model(input_ids=ids, output_loop_logits=True).loop_logits
+        n = ids[:, 1:].numel()
+        t_logp = F.log_softmax(t, -1)
+        per = []
+        for logits in loops:
+            s = F.log_softmax(logits[:, :-1].float(), -1)
+            per.append((float(F.nll_loss(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")),
+                        float((t_logp.exp() * (t_logp - s)).sum()),
+                        float((s.argmax(-1) == t.argmax(-1)).sum())))
+        nll = [p[0] for p in per] if nll is None else [a + p[0] for a, p in zip(nll, per)]
+        kl = [p[1] for p in per] if kl is None else [a + p[1] for a, p in zip(kl, per)]
+        agree = [p[2] for p in per] if agree is None else [a + p[2] for a, p in zip(agree, per)]
+        count += n
+    model.train(was_training)
+    return {"ppl": [math.exp(x / count) for x in nll], "kl": [x / count for x in kl],
+            "agreement": [x / count for x in agree], "tokens": count}
+
+
+# --- checkpointing --------------------------------------------------------------------------------
+def save_run_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, progress: Progress) -> None:
+    """Model folder + trainer state, swapped in atomically (a crash leaves the previous one intact)."""
+    from .checkpoint import atomic_write_folder
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({
+            "progress": asdict(progress),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, tmp / TRAINER_STATE)
+
+    atomic_write_folder(out / CHECKPOINT, write)
+
+
+def load_trainer_state(out: Path) -> dict | None:
+    path = out / CHECKPOINT / TRAINER_STATE
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+# --- the loop -------------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> Path:
+    """Run (or resume) one ``uptrain`` / ``exits`` run; returns the checkpoint folder."""
+    from accelerate import Accelerator
+
+    from .checkpoint import load_model
+    from .data import iter_batches, load_split
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    _setup_logging(out, accelerator.is_main_process)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m model.train " + " ".join(shlex.quote(a) for a in args.argv)
+
+    saved = load_trainer_state(out)
+    teacher, tokenizer = load_model(args.base)
+    teacher.requires_grad_(False)
+    if saved is not None:
+        model = load_model(out / CHECKPOINT)[0]
+        log.info("resuming %s at step %d (%d tokens seen)", out, saved["progress"]["step"],
+                 saved["progress"]["tokens_seen"])
+    elif args.stage == "uptrain":
+        model = build_uptrain_model(args, teacher)
+    else:
+        model = add_halting_heads(load_model(run_model_folder(args.from_))[0], args.halting_hidden)
+    model.train()
+    trainable = set_trainable(model, args.train)
+    log.info("%s: %s; training %d tensors (%s)", args.stage, model.parameter_counts(), len(trainable), args.train)
+
+    world = accelerator.num_processes
+    rows_per_step = args.batch_size * args.grad_accum * world
+    total_steps = max(1, math.ceil(args.tokens / (rows_per_step * args.seq_len)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    warmup = max(1, min(args.warmup, total_steps // 10 or 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
+    progress = Progress()
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress = Progress(**saved["progress"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    teacher.to(device).eval()
+    val_batches = list(load_split("val", args.seq_len)[: args.val_rows].split(args.batch_size))
+    loss_fn = uptrain_loss if args.stage == "uptrain" else exits_loss
+    unwrapped = accelerator.unwrap_model(model)
+
+    def checkpoint(final: bool = False) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped.config.training = _provenance(unwrapped.config.training, args, command, progress, final)
+            save_run_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, progress)
+            log.info("checkpoint at step %d (%d tokens) -> %s", progress.step, progress.tokens_seen, out / CHECKPOINT)
+
+    def evaluate_now() -> None:
+        record = {"step": progress.step, "tokens_seen": progress.tokens_seen,
+                  **validate(unwrapped, teacher, val_batches, device)}
+        progress.history.append(record)
+        log.info("val step %d: ppl %s kl %s agreement %s", progress.step,
+                 [round(x, 2) for x in record["ppl"]], [round(x, 3) for x in record["kl"]],
+                 [round(x, 3) for x in record["agreement"]])
+        _append_jsonl(out / "metrics.jsonl", {"kind": "val", **record})
+
+    if progress.step >= total_steps:
+        log.info("run already complete (%d steps); nothing to do", progress.step)
+        return out / CHECKPOINT
+    if progress.step == 0 and not progress.history:
+        evaluate_now()  # the starting point, for the record
+    bar = tqdm(total=total_steps, initial=progress.step, desc=args.stage, unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    started, wall_at_start = time.time(), progress.wall_seconds
+    batches = _batches(iter_batches, args, progress, world, accelerator.process_index)
+    micro, stats = 0, {}
+    while progress.step < total_steps:
+        ids = next(batches).to(device)
+        with accelerator.accumulate(model):
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            with accelerator.autocast():
+                loss, stats = loss_fn(model, teacher_logits, ids, args)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        progress.row += args.batch_size * world
+        progress.tokens_seen += args.batch_size * world * args.seq_len
+        if micro % args.grad_accum:
+            continue
+        progress.step += 1
+        scheduler.step()
+        progress.wall_seconds = wall_at_start + time.time() - started
+        rate = progress.tokens_seen / max(progress.wall_seconds, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:.0f}")
+        _append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": progress.step, "loss": float(loss),
+                                              "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen,
+                                              "wall_seconds": round(progress.wall_seconds, 1), **stats})
+        if progress.step % args.log_every == 0:
+            log.info("step %d/%d loss %.4f %s lr %.2e %.0f tok/s", progress.step, total_steps, float(loss),
+                     {k: round(v, 4) for k, v in stats.items()}, scheduler.get_last_lr()[0], rate)
+        done = progress.step >= total_steps
+        if args.eval_every and (progress.step % args.eval_every == 0 or done):
+            evaluate_now()
+        if done or progress.step % args.save_every == 0:
+            checkpoint(final=done)
+    bar.close()
+    return out / CHECKPOINT
+
+
+def _batches(iter_batches, args, progress: Progress, world: int, rank: int):
+    """Endless per-process micro-batches from the seeded order, starting at the saved position."""
+    while True:
+        global_size = args.batch_size * world
+        for batch in iter_batches("train", global_size, args.seq_len, seed=args.seed + progress.epoch,
+                                  start_row=progress.row, drop_last=True):
+            yield batch[rank * args.batch_size : (rank + 1) * args.batch_size]
+        progress.epoch += 1
+        progress.row = 0
+
+
+def _provenance(previous: dict | None, args, command: str, progress: Progress, final: bool) -> dict:
+    """``config.training``: every stage's command, data, tokens, seed and last validation."""
+    stages = list((previous or {}).get("stages", []))
+    record = {
+        "stage": args.stage, "command": command, "complete": final,
+        "data": {"split": "train", "seq_len": args.seq_len, "order_seed": args.seed,
+                 "epoch": progress.epoch, "rows_consumed": progress.row},
+        "tokens_seen": progress.tokens_seen, "steps": progress.step, "seed": args.seed,
+        "wall_seconds": round(progress.wall_seconds),
+        "val": progress.history[-1] if progress.history else None,
+        "val_rows": args.val_rows,
+    }
+    if stages and stages[-1].get("stage") == args.stage and stages[-1].get("command") == command:
+        stages[-1] = record
+    else:
+        stages.append(record)
+    return {"stages": stages, "tokens_seen": sum(s["tokens_seen"] for s in stages)}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _setup_logging(out: Path, main: bool) -> None:
+    if not main:
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (out / "log.txt").resolve()
+               for h in root.handlers):
+        handler = logging.FileHandler(out / "log.txt")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    up = sub.add_parser("uptrain", help="convert the base and distil it into the recursive model")
+    conv = up.add_argument_group("conversion")
+    conv.add_argument("--base", default="smollm2-135m", help="teacher / model to convert (name or folder)")
+    conv.add_argument("--loops", type=int, default=2, help="number of loops B")
+    conv.add_argument("--sharing", default="middle_cycle", choices=["cycle", "sequence", "middle_cycle"])
+    conv.add_argument("--init", default="average", choices=["stepwise", "average", "lower"],
+                      help="shared-block initialisation")
+    conv.add_argument("--block-size", type=int, default=None, help="unique layers K in the loop (default: all)")
+    conv.add_argument("--lora-rank", type=int, default=128, help="per-position LoRA rank (0 = none)")
+    conv.add_argument("--lora-init", default="asvd", choices=["svd", "asvd"], help="plain or activation-aware SVD")
+    conv.add_argument("--calib-sequences", type=int, default=64, help="ASVD calibration rows of the train split")
+    conv.add_argument("--asvd-damping", type=float, default=1e-3, help="ASVD covariance damping (x mean diag)")
+    ex = sub.add_parser("exits", help="early-exit post-training + halting heads on an uptrained run")
+    ex.add_argument("--from", dest="from_", required=True, help="uptrained run or model folder")
+    ex.add_argument("--base", default="smollm2-135m", help="teacher")
+    recipe = ex.add_argument_group("early-exit recipe")
+    recipe.add_argument("--exit-weight", type=float, default=0.1, help="'aggressive' weight c of intermediate loops")
+    recipe.add_argument("--self-kd-weight", type=float, default=1.0,
+                        help="KL(final.detach() || loop r) relative to the intermediate CE")
+    recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
+    recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
+    for p in (up, ex):
+        opt = p.add_argument_group("optimisation")
+        opt.add_argument("--tokens", type=parse_tokens, default=parse_tokens("1M"), help="training tokens (k/M ok)")
+        opt.add_argument("--seq-len", type=int, default=512)
+        opt.add_argument("--batch-size", type=int, default=2, help="rows per micro-batch per process")
+        opt.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+        opt.add_argument("--lr", type=float, default=2e-4)
+        opt.add_argument("--warmup", type=int, default=20, help="warm-up steps (at most 10%% of the run)")
+        opt.add_argument("--weight-decay", type=float, default=0.0)
+        opt.add_argument("--max-grad-norm", type=float, default=1.0)
+        opt.add_argument("--train", default="lora", choices=["all", "lora"],
+                         help="all parameters, or LoRA + norms (+ halting heads) with the shared block frozen")
+        opt.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+        opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+        opt.add_argument("--seed", type=int, default=0, help="data order and init seed")
+        loss = p.add_argument_group("distillation loss")
+        loss.add_argument("--kd", type=float, default=1.0, metavar="TEMPERATURE", help="KD temperature")
+        loss.add_argument("--loss", default="forward_kl", choices=["forward_kl", "reverse_kl"])
+        loss.add_argument("--ce-weight", type=float, default=0.0, help="weight of an extra next-token CE term")
+        run = p.add_argument_group("run")
+        run.add_argument("--out", required=True, help="run folder (checkpoint/, log.txt, metrics.jsonl)")
+        run.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0 = only at the end)")
+        run.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
+        run.add_argument("--log-every", type=int, default=1)
+        run.add_argument("--val-rows", type=int, default=8, help="rows of the val split used for validation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    torch.manual_seed(args.seed)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
