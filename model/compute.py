@@ -11,7 +11,8 @@ e = head_dim, V = vocab, c = context length the token attends to, itself include
 - ``head``         final RMSNorm + LM head: ``4·d + 2·d·V``
 - decision cost    softmax-confidence: an extra head (+ the coda layers, if any) + ``5·V`` for the
                    softmax/top-2/entropy; saturation: a cosine between two d-vectors, ``6·d``;
-                   halting head of width w: ``4·d + 2·d·w + 3·w``; fixed depth: 0.
+                   halting head of width w: ``4·d + 2·d·w + 3·w``; router: ``2·d`` per expert-choice
+                   decision, ``2·d·N_r`` once for token-choice; fixed depth: 0.
 - ``kv_copy``      CALM-style state copying for one skipped position: one RMSNorm + k and v
                    projections: ``4·d + 2·2·d·h_kv·e``
 
@@ -83,6 +84,10 @@ class CostModel:
     def halting(self, width: int) -> float:
         """A halting head on one token: RMSNorm + Linear(d, width) + ReLU + Linear(width, 1)."""
         return 4 * self.d + 2 * self.d * width + width + 2 * width
+
+    def router(self, outputs: int = 1) -> float:
+        """A linear router d -> outputs on one token (+ sigmoid/softmax, negligible)."""
+        return 2 * self.d * outputs
 
     def kv_copy(self) -> float:
         return 4 * self.d + 2 * 2 * self.d * self.kv_heads * self.head_dim

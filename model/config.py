@@ -36,6 +36,9 @@ class RecursiveConfig(LlamaConfig):
     lora_full_rank: bool = False  # True: each projection uses min(d_in, d_out) (exact relaxation)
     lora_targets: list[str] | None = None  # which projections carry LoRA (default: all seven)
     halting_hidden: int = 0  # > 0: a learned halting head per loop boundary with this hidden width
+    router_type: str | None = None  # Mixture-of-Recursions routing: None, "expert" or "token"
+    router_alpha: float = 0.1  # gate scale of the router (straight-through in the forward pass)
+    router_capacity: list[float] | None = None  # expert-choice: share of tokens kept at each recursion
     base_model: str | None = None  # name or path of the model this was converted from
     training: dict | None = None  # how it was trained: command, data, tokens seen, evaluation
 
@@ -61,6 +64,10 @@ class RecursiveConfig(LlamaConfig):
                 f"{self.num_coda} positions vs num_hidden_layers={self.num_hidden_layers}, "
                 f"layer_map of length {len(self.layer_map)}"
             )
+        if self.router_type not in (None, "expert", "token"):
+            raise ValueError(f"router_type must be None, 'expert' or 'token', got {self.router_type!r}")
+        if self.router_capacity is not None and len(self.router_capacity) != self.num_loops:
+            raise ValueError(f"router_capacity needs one value per loop ({self.num_loops})")
         unknown = set(self.lora_targets) - set(PROJECTIONS)
         if unknown:
             raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {PROJECTIONS}")

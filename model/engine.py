@@ -10,6 +10,9 @@ KV for tokens that stop early (``kv_mode``):
 - ``"sync"``: FREE's synchronised parallel decoding. Exited tokens wait in a stack; when a later
   token runs loop r, the waiting tokens that lack loop r run it too, in the same batched call, at
   their own positions. The cache then equals a full-depth forward pass over the same tokens.
+- ``"recursion"`` (Mixture-of-Recursions): a token that stops at depth r writes KV only into loops
+  <= r; at loop r a query sees only the tokens that reached r. Nothing is copied or caught up.
+- ``"share"`` (MoR recursive KV sharing): loops > 1 read loop 1's KV of all tokens and store none.
 
 A sequence keeps this invariant: at every layer position the tokens holding KV form a prefix, so
 waiting tokens are always a contiguous suffix and a plain causal mask is exact.
@@ -33,9 +36,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .compute import CostModel, add_into
 from .modeling import RecursiveForCausalLM, causal_mask
 from .policies import DepthPolicy, FixedDepth, Observation
+from .routers import RecursionShareCache, share_slots
 from .trace import GenerationTrace, LoopSignal, TokenStep
 
-KV_MODES = ("copy", "sync")
+KV_MODES = ("copy", "sync", "recursion", "share")
 TOP_K_SHOWN = 5
 
 
@@ -107,6 +111,9 @@ class AdaptiveDecoder:
                  max_loops: int | None = None, inspect: bool = False):
         if kv_mode not in KV_MODES:
             raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+        if policy.needs_router and model.config.router_type is None:
+            raise EngineInputError("the router policy needs a Mixture-of-Recursions model with trained routers "
+                                   "(python -m model.train routers); pick another policy")
         if policy.needs_halting and not model.has_halting_heads:
             raise EngineInputError("the halting policy needs a model trained with halting heads "
                                    "(python -m model.train exits); pick another policy")
@@ -120,7 +127,7 @@ class AdaptiveDecoder:
             raise EngineInputError(f"max_loops must be in 1..{self.cfg.num_loops}, got {max_loops}")
         self.inspect = inspect
         self.costs = CostModel.from_model(model)
-        self.cache = DynamicCache()
+        self.cache = RecursionShareCache(share_slots(self.cfg)) if kv_mode == "share" else DynamicCache()
         self.length = 0  # tokens fed so far == next position
         self.waiting: list[_Waiting] = []
 
@@ -154,6 +161,10 @@ class AdaptiveDecoder:
         rope = self.inner.rope(h, pos_ids)
         h = self.inner.run_positions(h, cfg.prelude_positions, rope, None, self.cache)
         add_into(flops, costs.layers(cfg.prelude_positions, ctx))
+        planned = None
+        if self.policy.needs_router and cfg.router_type == "token":  # depth chosen once, up front
+            planned = int(self.model.token_router.depth(h[0, -1]))
+            add_into(flops, {"decision": costs.router(cfg.num_loops)})
         loops: list[LoopSignal] = []
         caught_up: set[int] = set()
         logits = None
@@ -177,6 +188,10 @@ class AdaptiveDecoder:
                     inspected += probe_cost
             probs = torch.softmax(logits.float(), -1) if logits is not None else None
             obs = Observation(loop, self.max_loops, h[0, 0], entering[0, 0], probs)
+            obs.planned_depth = planned
+            if self.policy.needs_router and cfg.router_type == "expert" and loop < self.max_loops:
+                obs.router_logit = float(self.model.routers.logit(loop + 1, h[0, -1]))
+                add_into(flops, {"decision": costs.router()})
             if self.policy.needs_halting and loop < cfg.num_loops:
                 obs.halting = float(torch.sigmoid(self.model.halting_logit(loop, h)[0, -1]))
                 add_into(flops, {"decision": costs.halting(cfg.halting_hidden)})
@@ -243,8 +258,8 @@ class AdaptiveDecoder:
 
     def _store_deeper_kv(self, h: torch.Tensor, pos: int, depth: int, rope, flops: dict) -> None:
         """Give the loops this token skipped their KV: now (copy) or later (sync)."""
-        if depth >= self.cfg.num_loops:
-            return
+        if depth >= self.cfg.num_loops or self.kv_mode in ("recursion", "share"):
+            return  # routed KV modes: deeper loops simply hold no entry for this token
         if self.kv_mode == "sync":
             self.waiting.append(_Waiting(pos, h, depth))
             return
@@ -274,7 +289,9 @@ class AdaptiveDecoder:
 
     def kv_entries(self) -> tuple[int, int]:
         """(entries held, entries a full-depth cache would hold) over all layer positions."""
-        held = sum(self.cache.get_seq_length(p) for p in range(self.cfg.num_hidden_layers))
+        stored = range(len(self.cache.layers))
+        held = sum(self.cache.layers[p].get_seq_length() for p in stored
+                   if p not in getattr(self.cache, "slot_of", {}))
         return held, self.length * self.cfg.num_hidden_layers
 
     _tokenizer = None
@@ -295,7 +312,8 @@ def _loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_to
         top2_gap=soft.get("top2_gap"),
         certainty=soft.get("certainty"),
         change=obs.cosine(),
-        extra={"halting": obs.halting} if obs.halting is not None else None,
+        extra={k: v for k, v in (("halting", obs.halting), ("router_logit", obs.router_logit),
+                                 ("planned_depth", obs.planned_depth)) if v is not None} or None,
         top_tokens=top_tokens(probs) if probs is not None else None,
     )
 
@@ -448,5 +466,8 @@ def describe_model(model: RecursiveForCausalLM, name: str | None = None) -> dict
         "lora_rank": "full" if cfg.lora_full_rank else cfg.lora_rank,
         "parameters": model.parameter_counts(),
         "head_flops": CostModel.from_model(model).head(),
+        "kv_bytes_per_entry": CostModel.from_model(model).kv_numbers_per_entry() * model.dtype.itemsize,
+        "router_type": cfg.router_type,
+        "halting_heads": model.has_halting_heads,
         "training": cfg.training,
     }

@@ -27,6 +27,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .config import PROJECTIONS, RecursiveConfig
 from .lora import DepthLoRALinear
+from .routers import ExpertRouters, TokenRouter
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -102,6 +103,8 @@ class RecursivePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (ExpertRouters, TokenRouter)):
+            return  # routers initialise themselves (N(0, 0.02), zero balancing bias)
         super()._init_weights(module)
         if isinstance(module, DepthLoRALinear) and module.rank > 0:
             # standard LoRA start (no change to the shared weight); recursify overwrites with SVD factors
@@ -215,6 +218,10 @@ class RecursiveForCausalLM(RecursivePreTrainedModel, GenerationMixin):
             self.halting_heads = nn.ModuleList(
                 HaltingHead(config.hidden_size, config.halting_hidden) for _ in range(config.num_loops - 1)
             )
+        if config.router_type == "expert":  # Mixture-of-Recursions routers (model/routers.py)
+            self.routers = ExpertRouters(config.hidden_size, config.num_loops)
+        elif config.router_type == "token":
+            self.token_router = TokenRouter(config.hidden_size, config.num_loops)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -25,6 +25,8 @@ class Observation:
     previous: torch.Tensor  # (d,) residual stream entering this loop
     probs: torch.Tensor | None = None  # (V,) exit distribution, only if needs_logits (or inspected)
     halting: float | None = None  # sigmoid of the learned halting head, only if needs_halting
+    router_logit: float | None = None  # expert-choice: logit of the router of the NEXT recursion
+    planned_depth: int | None = None  # token-choice: the depth the router chose up front
 
     def softmax_signals(self) -> dict[str, float]:
         if self.probs is None:
@@ -47,6 +49,7 @@ class DepthPolicy:
     name = "policy"
     needs_logits = False
     needs_halting = False  # asks the engine for the learned halting head's score
+    needs_router = False  # asks the engine for Mixture-of-Recursions router outputs
     signal_name: str | None = None
     threshold: float | None = None
     decision_cost = "none"  # "softmax" | "cosine" | "none": what compute.CostModel charges per loop
@@ -152,7 +155,45 @@ class Halting(DepthPolicy):
         return obs.halting
 
 
-POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation, "halting": Halting}
+class Router(DepthPolicy):
+    """Mixture-of-Recursions routing at decode time: no LM head, no threshold tuning.
+
+    Expert-choice: continue into recursion r+1 while ``sigmoid(logit_{r+1} + bias) >= 0.5`` (the
+    causal rule the auxiliary loss trains); ``bias`` trades compute for quality. Token-choice: the
+    depth chosen once, on the block input.
+    """
+
+    name = "router"
+    needs_router = True
+    signal_name = "router"
+    decision_cost = "router"
+
+    def __init__(self, bias: float = 0.0):
+        self.bias = float(bias)
+        self.threshold = 0.5
+
+    def signal(self, obs: Observation) -> float | None:
+        if obs.router_logit is None:
+            return None
+        return float(torch.sigmoid(torch.tensor(obs.router_logit + self.bias)))
+
+    def decide(self, obs: Observation) -> tuple[bool, str]:
+        if obs.loop >= obs.max_loops:
+            return True, "max depth"
+        if obs.planned_depth is not None:
+            stop = obs.loop >= obs.planned_depth
+            return stop, f"token-choice depth {obs.planned_depth}" if stop else ""
+        score = self.signal(obs)
+        if score is not None and score < 0.5:
+            return True, f"router {score:.2f} < 0.50"
+        return False, ""
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "bias": self.bias, "threshold": 0.5, "signal": "router"}
+
+
+POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation, "halting": Halting,
+            "router": Router}
 
 
 def make_policy(name: str, threshold: float | None = None, depth: int | None = None,
@@ -166,4 +207,6 @@ def make_policy(name: str, threshold: float | None = None, depth: int | None = N
         return Saturation(0.95 if threshold is None else threshold)
     if name == "halting":
         return Halting(0.5 if threshold is None else threshold)
+    if name == "router":
+        return Router(0.0 if threshold is None else threshold)  # for the router, the value is its bias
     raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")

@@ -99,6 +99,7 @@ class GenerationTrace:
             "kv_entries": kv,
             "kv_entries_full": kv_full,
             "kv_saved_pct": 100 * (1 - kv / kv_full) if kv_full else 0.0,
+            "kv_bytes": kv * self.model.get("kv_bytes_per_entry", 0),
             "wall_s": wall_s,
             "tokens_per_s": n / wall_s if wall_s else 0.0,
             "caught_up_tokens": sum(s.caught_up for s in self.steps),
