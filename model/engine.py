@@ -82,6 +82,8 @@ class _Waiting:
     position: int
     hidden: torch.Tensor  # (1, 1, d) residual stream after ``depth`` loops
     depth: int
+    exit_signal: float | None = None  # the policy's signal when it left (FREE calibration)
+    exit_argmax: int | None = None  # its emitted-distribution argmax (FREE calibration)
 
 
 @dataclass
@@ -130,6 +132,9 @@ class AdaptiveDecoder:
         self.cache = RecursionShareCache(share_slots(self.cfg)) if kv_mode == "share" else DynamicCache()
         self.length = 0  # tokens fed so far == next position
         self.waiting: list[_Waiting] = []
+        self.calibration_flops = 0.0  # FREE: heads run on caught-up tokens to label calibration pairs
+        if hasattr(policy, "begin_sequence"):
+            policy.begin_sequence()
 
     @property
     def device(self) -> torch.device:
@@ -211,6 +216,12 @@ class AdaptiveDecoder:
         add_into(flops, costs.layers(cfg.coda_positions, ctx))
         add_into(flops, {"head": costs.head()})
         self._store_deeper_kv(h, pos, depth, rope, flops)
+        if self.waiting and self.waiting[-1].position == pos:
+            self.waiting[-1].exit_signal = loops[-1].signal
+            self.waiting[-1].exit_argmax = int(logits.argmax())
+        if self.calibration_flops:
+            add_into(flops, {"decision": self.calibration_flops})
+            self.calibration_flops = 0.0
         return _StepResult(logits, depth, reason, loops, flops, inspected, len(caught_up))
 
     def _run_loop(self, h: torch.Tensor, pos: int, loop: int, rope) -> tuple[torch.Tensor, list[int]]:
@@ -236,8 +247,16 @@ class AdaptiveDecoder:
         if done and self.cfg.num_coda:
             for p in self.cfg.coda_positions:
                 self.cache.layers[p].crop(-len(done))
-            self._run_batch(torch.cat([w.hidden for w in done], dim=1), [w.position for w in done],
-                            self.cfg.coda_positions)
+            final = self._run_batch(torch.cat([w.hidden for w in done], dim=1), [w.position for w in done],
+                                    self.cfg.coda_positions)
+        elif done:
+            final = torch.cat([w.hidden for w in done], dim=1)
+        if done and getattr(self.policy, "wants_calibration", False):  # FREE: free calibration pairs
+            deep = self.model.lm_head(self.inner.norm(final))[0].argmax(-1).tolist()
+            self.calibration_flops += len(done) * self.costs.head()
+            for w, a in zip(done, deep):
+                if w.exit_signal is not None:
+                    self.policy.calibrate(w.exit_signal, w.exit_argmax == a)
         self.waiting = [w for w in self.waiting if w.depth < self.cfg.num_loops]
         return x
 

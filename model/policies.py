@@ -209,4 +209,84 @@ def make_policy(name: str, threshold: float | None = None, depth: int | None = N
         return Halting(0.5 if threshold is None else threshold)
     if name == "router":
         return Router(0.0 if threshold is None else threshold)  # for the router, the value is its bias
+    if name == "adaptive":
+        return AdaptiveConfidence(0.9 if threshold is None else threshold, measure)
     raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
+
+
+class BetaMixture:
+    """FREE's supervised two-component Beta mixture over confidences (METHODS §2.5).
+
+    Components: "inconsistent" and "consistent" (exit prediction != / == the full-depth one), each
+    fitted by weighted method of moments on its labelled samples. The threshold is the lowest point of
+    a grid above which the posterior of "consistent" (equal priors) exceeds ``zeta``.
+    """
+
+    def __init__(self, zeta: float = 0.4, grid: tuple[float, float, int] = (0.3, 0.9, 10)):
+        self.zeta, self.grid = zeta, torch.linspace(*grid[:2], grid[2]).double()
+        self.params: dict[bool, tuple[float, float]] = {}
+
+    @staticmethod
+    def _moments(x: torch.Tensor) -> tuple[float, float]:
+        m, v = float(x.mean()), float(x.var(unbiased=False)) + 1e-8
+        common = m * (1 - m) / v - 1
+        return max(m * common, 1e-3), max((1 - m) * common, 1e-3)
+
+    def fit(self, confidences: list[float], consistent: list[bool]) -> bool:
+        c = torch.tensor(confidences, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+        y = torch.tensor(consistent)
+        if y.sum() < 2 or (~y).sum() < 2:
+            return False  # both components need samples
+        self.params = {True: self._moments(c[y]), False: self._moments(c[~y])}
+        return True
+
+    def pdf(self, x: torch.Tensor, consistent: bool) -> torch.Tensor:
+        a, b = self.params[consistent]
+        return torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).log_prob(x.double()).exp()
+
+    def mean(self, consistent: bool) -> float:
+        a, b = self.params[consistent]
+        return a / (a + b)
+
+    def threshold(self) -> float:
+        cons = self.mean(True) >= self.mean(False)  # the "consistent" component has the larger mean
+        p_c, p_i = self.pdf(self.grid, cons), self.pdf(self.grid, not cons)
+        posterior = p_c / (p_c + p_i + 1e-300)
+        n = int((posterior > self.zeta).sum())
+        return float(self.grid[min(max(len(self.grid) - n, 0), len(self.grid) - 1)])
+
+
+class AdaptiveConfidence(Confidence):
+    """FREE's adaptive threshold: confidence exits whose threshold is re-estimated online.
+
+    The engine (``kv_mode="sync"``) feeds calibration pairs for free: when exited tokens catch up
+    to full depth, their exit confidence and whether the exit prediction matched the full-depth
+    one. At the start of each new sequence the Beta mixture is refitted on all pairs so far and
+    the threshold updated, for the first ``max_updates`` sequences; then it is frozen.
+    """
+
+    name = "adaptive"
+    wants_calibration = True
+
+    def __init__(self, initial: float = 0.9, measure: str = "top2_gap", zeta: float = 0.4, max_updates: int = 300):
+        super().__init__(initial, measure)
+        self.mixture = BetaMixture(zeta)
+        self.pairs: tuple[list[float], list[bool]] = ([], [])
+        self.updates, self.max_updates = 0, max_updates
+        self.history = [initial]
+
+    def calibrate(self, confidence: float, consistent: bool) -> None:
+        self.pairs[0].append(confidence)
+        self.pairs[1].append(consistent)
+
+    def begin_sequence(self) -> None:
+        if self.updates < self.max_updates and self.mixture.fit(*self.pairs):
+            self.threshold = self.mixture.threshold()
+            self.updates += 1
+            self.history.append(self.threshold)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "policy": self.name, "pairs": len(self.pairs[0]), "updates": self.updates}
+
+
+POLICIES["adaptive"] = AdaptiveConfidence
