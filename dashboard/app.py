@@ -110,7 +110,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
                         policy = gr.Dropdown(POLICY_CHOICES, value="confidence", label="Depth policy")
-                        threshold = gr.Slider(-1.0, 1.0, value=0.5, step=0.01, label="Threshold")
+                        threshold = gr.Slider(-1.0, 1.0, value=0.5, step=0.01, label="Threshold",
+                                              info="confidence/halting: 0..1 · saturation: cosine · adaptive: "
+                                                   "starting value · router: logit bias")
                         measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",
                                               label="Confidence measure")
                         with gr.Row():
@@ -135,6 +137,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                     depth_plot = gr.Plot(plots.depth_per_token(None), elem_id="depth-plot")
                     compute_plot = gr.Plot(plots.cumulative_compute(None), elem_id="compute-plot")
                 heatmap = gr.Plot(plots.signal_heatmap(None), elem_id="heatmap")
+                with gr.Row():
+                    kv_plot = gr.Plot(plots.kv_view(None), elem_id="kv-view")
+                    hist_plot = gr.Plot(plots.signal_histograms(None), elem_id="signal-hist")
                 with gr.Row():
                     trace_file = gr.File(label="Trace (JSON)", interactive=False, elem_id="trace-file")
                     status = gr.Markdown("", elem_id="status")
@@ -192,7 +197,8 @@ def build_app(service: ModelService) -> gr.Blocks:
         # ================================================================ events
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
                        temperature, top_p, rep_pen, seed, time_full]
-        live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, trace_state, trace_file, status, details]
+        live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
+                        status, details]
 
         @user_errors
         def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
@@ -209,7 +215,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                 try:
                     for step in s:
                         now = time.monotonic()
-                        figs = (gr.skip(),) * 3
+                        figs = (gr.skip(),) * 5
                         if now - last_plot > PLOT_EVERY_S:
                             figs, last_plot = _figures(s.trace), now
                         yield (render.highlighted(s.trace), render.counters(s.trace, running=True), *figs,
@@ -237,7 +243,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                    _write_trace(trace), done, render.token_details(trace, None))
 
         def _figures(trace):
-            return plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace)
+            return (plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace),
+                    plots.kv_view(trace), plots.signal_histograms(trace))
 
         run_btn.click(run_live, live_inputs, live_outputs, api_name="generate", concurrency_id="model",
                       concurrency_limit=1)

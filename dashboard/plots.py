@@ -102,3 +102,44 @@ def sweep_chart(result: dict | None, metric: str = "agreement") -> go.Figure:
     if metric == "perplexity":
         fig.update_yaxes(type="log")
     return fig
+
+
+def kv_view(trace: GenerationTrace | None) -> go.Figure:
+    """MoR Fig. 2c style: per loop, which generated tokens' keys each query sees (token x token)."""
+    from plotly.subplots import make_subplots
+
+    if not trace or not trace.steps:
+        fig = go.Figure()
+        fig.update_layout(title="KV visibility per loop", **LAYOUT)
+        return fig
+    loops = trace.steps[0].max_depth
+    n = min(len(trace.steps), 48)  # keep the grid readable
+    fig = make_subplots(rows=1, cols=loops, subplot_titles=[f"loop {r}" for r in range(1, loops + 1)],
+                        horizontal_spacing=0.04)
+    scale = [[0, "#f4f4f4"], [0.5, "#2A788E"], [1, "#E69F00"]]
+    for r in range(1, loops + 1):
+        grid = [row[:n] for row in trace.kv_visibility(r)[:n]]
+        fig.add_heatmap(z=grid, zmin=0, zmax=2, colorscale=scale, showscale=False, row=1, col=r,
+                        hovertemplate="query %{y} → key %{x}: %{z}<extra></extra>")
+        fig.update_yaxes(autorange="reversed", row=1, col=r)
+    mode = trace.settings.get("kv_mode")
+    fig.update_layout(title=f"KV visibility per loop ({mode}): teal = exact KV, orange = approximate/shared, "
+                            "grey = absent", **{**LAYOUT, "height": 320})
+    return fig
+
+
+def signal_histograms(trace: GenerationTrace | None) -> go.Figure:
+    """Distribution of the exit signal at each loop (router scores for MoR; bimodal when healthy)."""
+    fig = go.Figure()
+    if trace and trace.steps:
+        loops = trace.steps[0].max_depth
+        for r in range(1, loops + 1):
+            values = [l.signal for s in trace.steps for l in s.loops if l.loop == r and l.signal is not None]
+            if values:
+                fig.add_histogram(x=values, name=f"loop {r}", opacity=0.6, nbinsx=20)
+        fig.update_layout(barmode="overlay")
+        name = trace.steps[0].signal_name or "signal"
+        fig.update_layout(title=f"{name} per loop (histogram)", xaxis_title=name, yaxis_title="tokens", **LAYOUT)
+    else:
+        fig.update_layout(title="Exit signal per loop (histogram)", **LAYOUT)
+    return fig

@@ -79,8 +79,9 @@ def token_details(trace: GenerationTrace | None, index: int | None) -> str:
         top = ", ".join(f"<code>{html.escape(repr(t)[1:-1])}</code> {p:.2f}" for t, p in (loop.top_tokens or []))
         sig = "—" if loop.signal is None else f"{loop.signal:.3f}"
         mp = "—" if loop.max_prob is None else f"{loop.max_prob:.3f}"
+        extra = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (loop.extra or {}).items())
         rows.append(f"<tr><td>{loop.loop}</td><td>{sig}</td><td>{mp}</td><td>{loop.change:.3f}</td>"
-                    f"<td>{top or '—'}</td></tr>")
+                    f"<td>{html.escape(extra) or '—'}</td><td>{top or '—'}</td></tr>")
     threshold = "—" if s.threshold is None else f"{s.threshold:.2f}"
     return (
         f"<div class='token-details'><div class='token-title'>Token {s.index}: "
@@ -88,7 +89,7 @@ def token_details(trace: GenerationTrace | None, index: int | None) -> str:
         f"exit: <b>{html.escape(s.exit_reason)}</b> · signal: {html.escape(s.signal_name or 'none')} · "
         f"threshold {threshold} · {s.total_flops / 1e6:.1f} MFLOP (full depth {s.flops_full / 1e6:.1f})</div>"
         "<table><thead><tr><th>loop</th><th>signal</th><th>max prob</th><th>cosine to previous loop</th>"
-        f"<th>top-5 candidates at this loop</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        f"<th>router / halting</th><th>top-5 candidates at this loop</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
 
 
@@ -117,6 +118,8 @@ def model_card(description: dict, note: str = "") -> str:
         ("unique parameters", f"{p.get('unique', 0) / 1e6:.1f} M ({p.get('unique_non_embedding', 0) / 1e6:.1f} M non-embedding)"),
         ("effective parameters", f"{p.get('effective', 0) / 1e6:.1f} M ({p.get('effective_non_embedding', 0) / 1e6:.1f} M non-embedding)"),
         ("of which LoRA", f"{p.get('lora', 0) / 1e6:.1f} M"),
+        ("routers (Mixture-of-Recursions)", d.get("router_type") or "none"),
+        ("learned halting heads", "yes" if d.get("halting_heads") else "no"),
     ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""

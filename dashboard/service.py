@@ -68,6 +68,7 @@ class ModelService:
         self.lock = threading.Lock()  # one model computation at a time (2 CPU cores)
         self.current: Loaded | None = None
         self.last_finish_reason: str | None = None
+        self._adaptive: dict = {}  # FREE's adaptive threshold learns across sequences: one per model/measure
         self.generations_started = 0
         if preload is not None:
             self._remember(preload)
@@ -153,7 +154,7 @@ class ModelService:
         """A ``model.engine.Stream`` for validated settings (iterate it for TokenSteps)."""
         loaded = self.current
         self.generations_started += 1
-        return stream(loaded.model, loaded.tokenizer, prompt, policy=settings.policy_object(),
+        return stream(loaded.model, loaded.tokenizer, prompt, policy=self.policy_for(settings),
                       max_new_tokens=settings.max_new_tokens, kv_mode=settings.kv_mode,
                       max_loops=settings.max_loops, temperature=settings.temperature, top_p=settings.top_p,
                       repetition_penalty=settings.repetition_penalty, seed=settings.seed, chat=settings.chat,
@@ -190,6 +191,12 @@ class ModelService:
                 "tokens": len(scores.token_ids), "policy": policy_name, "measure": measure}
 
     def policy_for(self, settings: Settings):
+        """A policy for these settings; the adaptive one persists so that it keeps calibrating."""
+        if settings.policy == "adaptive":
+            key = (self.current.label, settings.measure, settings.threshold)
+            if key not in self._adaptive:
+                self._adaptive[key] = make_policy("adaptive", settings.threshold, measure=settings.measure)
+            return self._adaptive[key]
         return make_policy(settings.policy, settings.threshold, settings.depth, settings.measure)
 
 

@@ -8,8 +8,8 @@ from model.policies import CONFIDENCE_MEASURES, make_policy
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024
 MAX_PROMPT_CHARS = 20_000
-POLICY_CHOICES = ["confidence", "saturation", "fixed", "halting"]
-KV_CHOICES = ["sync", "copy"]
+POLICY_CHOICES = ["confidence", "saturation", "fixed", "halting", "adaptive", "router"]
+KV_CHOICES = ["sync", "copy", "recursion", "share"]
 
 
 class SettingsError(ValueError):
@@ -39,7 +39,7 @@ class Settings:
             raise SettingsError(f"confidence measure must be one of {CONFIDENCE_MEASURES}")
         if self.kv_mode not in KV_CHOICES:
             raise SettingsError(f"KV mode must be one of {KV_CHOICES}")
-        low = -1.0 if self.policy == "saturation" else 0.0
+        low = -1.0 if self.policy in ("saturation", "router") else 0.0  # router: the value is a logit bias
         if self.threshold is None or not low <= float(self.threshold) <= 1.0:
             raise SettingsError(f"threshold must be between {low} and 1 for the {self.policy} policy")
         max_loops = num_loops if self.max_loops in (None, 0) else int(self.max_loops)
@@ -67,5 +67,9 @@ class Settings:
     def label(self) -> str:
         if self.policy == "fixed":
             return f"fixed depth {self.depth}"
+        if self.policy == "router":
+            return f"router (bias {self.threshold:+.2f})"
+        if self.policy == "adaptive":
+            return f"adaptive ({self.measure}, from {self.threshold:.2f})"
         measure = f" ({self.measure})" if self.policy == "confidence" else ""
         return f"{self.policy}{measure} ≥ {self.threshold:.2f}"

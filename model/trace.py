@@ -105,6 +105,31 @@ class GenerationTrace:
             "caught_up_tokens": sum(s.caught_up for s in self.steps),
         }
 
+    def kv_visibility(self, loop: int) -> list[list[int]]:
+        """Which earlier generated tokens' KV a generated token's query sees at ``loop``.
+
+        Matrix [query][key] over generated tokens (the prompt, at full depth, is visible to all):
+        0 = not visible (or the query did not run this loop), 1 = exact KV, 2 = approximate KV
+        (state-copied, or read from loop 1 under KV sharing), per the trace's KV mode.
+        """
+        mode = self.settings.get("kv_mode", "sync")
+        depths = [s.depth for s in self.steps]
+        n = len(depths)
+        grid = [[0] * n for _ in range(n)]
+        for q in range(n):
+            if depths[q] < loop:
+                continue
+            for k in range(q + 1):
+                if mode == "recursion":
+                    grid[q][k] = 1 if depths[k] >= loop else 0
+                elif mode == "share":
+                    grid[q][k] = 1 if loop == 1 else 2
+                elif mode == "copy":
+                    grid[q][k] = 1 if depths[k] >= loop or k == q else 2
+                else:  # sync: exited tokens' deeper KV is computed exactly before anyone reads it
+                    grid[q][k] = 1
+        return grid
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["text"] = self.text

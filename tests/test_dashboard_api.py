@@ -24,7 +24,7 @@ def app(smol_tokenizer):
 
 
 def trace_of(result) -> GenerationTrace:
-    path = result[5]  # the State output is not part of the API
+    path = result[7]  # the State output is not part of the API
     return GenerationTrace.from_dict(json.load(open(path)))
 
 
@@ -51,7 +51,7 @@ def test_generate_colours_and_counters_agree_with_the_trace(app, policy, thresho
     totals = trace.totals()
     assert f"{totals['avg_depth']:.2f} / 3" in counters_html
     assert f"{totals['block_flops_saved_pct']:.1f}%" in counters_html
-    assert "finish reason" in result[6]
+    assert "finish reason" in result[8]
 
 
 def test_token_details_show_per_loop_signals(app):
@@ -127,3 +127,16 @@ def test_a_client_that_goes_away_stops_its_generation(app):
     while service.last_finish_reason != "cancelled" and time.time() < deadline:
         time.sleep(0.1)
     assert service.last_finish_reason == "cancelled"
+
+
+def test_routed_kv_mode_and_adaptive_policy_through_the_app(app):
+    service, client = app
+    result = client.predict(*live_args(policy_v="fixed", depth_v=1, kv_v="recursion"), api_name="/generate")
+    trace = trace_of(result)
+    assert trace.totals()["kv_saved_pct"] > 0  # depth-1 tokens hold no KV in loops 2 and 3
+    kv_fig = json.loads(result[5]["plot"])
+    assert len([d for d in kv_fig["data"] if d["type"] == "heatmap"]) == 3
+    first = client.predict(*live_args(policy_v="adaptive", threshold_v=0.9), api_name="/generate")
+    assert trace_of(first).settings["policy"] == "adaptive"
+    with pytest.raises(Exception, match="router"):
+        client.predict(*live_args(policy_v="router", threshold_v=0.0), api_name="/generate")

@@ -23,7 +23,7 @@ def test_real_default_streams_depths_that_match_its_trace():
         result = client.predict(*live_args(prompt_v="What is the capital of France?", max_loops_v=n,
                                            policy_v="confidence", threshold_v=0.6, max_new_v=6),
                                 api_name="/generate")
-        trace = GenerationTrace.from_dict(json.load(open(result[5])))
+        trace = GenerationTrace.from_dict(json.load(open(result[7])))
         assert trace.model["num_loops"] == n and 1 <= len(trace.steps) <= 6
         assert [h["class_or_confidence"] for h in result[0]] == [render.depth_label(s.depth) for s in trace.steps]
         assert all(1 <= s.depth <= n and s.loops[-1].max_prob is not None for s in trace.steps)

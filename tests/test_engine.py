@@ -195,3 +195,13 @@ def test_loop_logits_match_uniform_depth_forwards():
     out = rec(ids, output_loop_logits=True)
     torch.testing.assert_close(out.loop_logits[0], rec(ids, num_loops=1).logits)
     torch.testing.assert_close(out.loop_logits[1], out.logits)
+
+
+def test_kv_visibility_follows_the_kv_mode(smol_tokenizer, tiny_vocab_llama):
+    rec = recursify(tiny_vocab_llama, num_loops=2, lora_rank=4)
+    for mode, expect_gap in (("recursion", True), ("sync", False), ("share", False)):
+        t = generate(rec, smol_tokenizer, "Hi", policy=FixedDepth(1), max_new_tokens=4, kv_mode=mode)
+        loop2 = t.kv_visibility(2)
+        assert all(v == 0 for row in loop2 for v in row)  # depth-1 queries never run loop 2
+        loop1 = t.kv_visibility(1)
+        assert loop1[3][:4] == [1, 1, 1, 1]
