@@ -13,12 +13,6 @@ import os
 from dashboard.app import build_app, css
 from dashboard.service import ModelService
 
-try:  # on Spaces with ZeroGPU the `spaces` package exists; plain CPU everywhere else
-    import spaces  # noqa: F401
-except ImportError:
-    spaces = None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     on_spaces = bool(os.environ.get("SPACE_ID"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,14 @@ from . import plots, render
 from .service import ModelService, ServiceError
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
 
+try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # plain CPU (and every machine without the `spaces` package)
+    def gpu(fn):
+        return fn
+
 log = logging.getLogger(__name__)
 PLOT_EVERY_S = 0.8  # refresh the live figures at most this often while streaming
 USER_ERRORS = (ServiceError, SettingsError, ValueError)
@@ -200,6 +208,7 @@ def build_app(service: ModelService) -> gr.Blocks:
         live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
                         status, details]
 
+        @gpu
         @user_errors
         def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
                      temp_v, top_p_v, rep_v, seed_v, time_full_v):
@@ -259,6 +268,7 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         tokens.select(show_token, [trace_state], [details], api_name="token_details")
 
+        @gpu
         @user_errors
         def run_compare(prompt_v, max_new_v, *cols):
             text, notice = service.prepare_prompt(prompt_v, True)
@@ -305,6 +315,7 @@ def build_app(service: ModelService) -> gr.Blocks:
         cmp_btn.click(run_compare, [cmp_prompt, cmp_new, *col_inputs], [*col_texts, *col_counters, cmp_plot, cmp_status],
                       api_name="compare", concurrency_id="model", concurrency_limit=1)
 
+        @gpu
         @user_errors
         def run_sweep(text_v, policy_v, measure_v, live_policy, live_threshold, live_depth, live_measure, live_max_loops):
             nloops = service.current.num_loops

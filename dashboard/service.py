@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model import ModelLoadError, load_model, recursify
+from model.checkpoint import default_device
 from model.engine import describe_model, encode_prompt, stream
 from model.paths import REPO_ROOT, cache_dir
 from model.policies import make_policy
@@ -125,7 +126,7 @@ class ModelService:
             raise ServiceError(f"unknown model {label!r}; pick one from the list")
         from model.engine import as_recursive
 
-        model = as_recursive(model)
+        model = as_recursive(model).to(default_device())
         return Loaded(label, model, tok, note, describe_model(model, label))
 
     def _remember(self, loaded: Loaded) -> None:

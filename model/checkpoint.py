@@ -241,6 +241,11 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, folder: str | os.PathLike
     return atomic_write_folder(Path(folder), write)
 
 
+def default_device() -> str:
+    """"cuda" when a GPU is visible (e.g. a Space with a GPU), else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = EMBEDDED_NAME):
     """Just the tokenizer (cheap): for the embedded name or a folder that has one."""
     folder = embedded_base_folder() if str(name_or_path) == EMBEDDED_NAME else Path(name_or_path)
