@@ -29,15 +29,19 @@ class Observation:
     planned_depth: int | None = None  # token-choice: the depth the router chose up front
 
     def softmax_signals(self) -> dict[str, float]:
+        """max_prob, top2_gap, certainty of ``probs`` (computed once, then reused)."""
         if self.probs is None:
             return {}
-        top2 = torch.topk(self.probs, 2).values
-        entropy = -(self.probs * torch.log(self.probs.clamp_min(1e-12))).sum()
-        return {
-            "max_prob": float(top2[0]),
-            "top2_gap": float(top2[0] - top2[1]),
-            "certainty": float(1 - entropy / math.log(self.probs.numel())),
-        }
+        cached = self.__dict__.get("_softmax_signals")
+        if cached is None:
+            top2 = torch.topk(self.probs, 2).values
+            entropy = -(self.probs * torch.log(self.probs.clamp_min(1e-12))).sum()
+            cached = self.__dict__["_softmax_signals"] = {
+                "max_prob": float(top2[0]),
+                "top2_gap": float(top2[0] - top2[1]),
+                "certainty": float(1 - entropy / math.log(self.probs.numel())),
+            }
+        return cached
 
     def cosine(self) -> float:
         return float(torch.nn.functional.cosine_similarity(self.hidden.float(), self.previous.float(), dim=0))
