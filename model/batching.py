@@ -804,3 +804,225 @@ def _top_tokens(tokenizer, probs: torch.Tensor, k: int = 5) -> list[tuple[str, f
     top = torch.topk(probs, k)
     return [(tokenizer.decode([int(i)]) if tokenizer is not None else str(int(i)), float(p))
             for p, i in zip(top.values, top.indices)]
+
+
+# --- a background thread for servers and dashboards -------------------------------------------------
+class EngineWorker:
+    """Drives one ``BatchEngine`` from one background thread; ``submit``/``cancel`` are thread-safe.
+
+    Events reach each request's ``on_event`` from the worker thread (a server hands them to its
+    event loop with ``loop.call_soon_threadsafe``); ``stream()`` is a blocking iterator for sync code.
+    ``max_pending`` bounds queued + running requests: beyond it ``submit`` raises ``EngineFullError``.
+    """
+
+    def __init__(self, engine: BatchEngine, max_pending: int | None = None):
+        import threading
+
+        self.engine = engine
+        self.max_pending = max_pending or engine.scheduler.max_queue + engine.scheduler.max_requests
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._cancels: list[str] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._ids = itertools.count()
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self.engine.pending + len(self._inbox)
+
+    def submit(self, request: Request) -> str:
+        """Validate now (raises ``EngineInputError``/``EngineFullError``), run later; returns the id."""
+        with self._cond:
+            if self._stopped:
+                raise EngineFullError("the engine is shutting down")
+            self.engine._validate(request)
+            if self.pending >= self.max_pending:
+                raise EngineFullError(f"the server is busy ({self.pending} requests in flight or queued); retry later")
+            if request.request_id is None:
+                request.request_id = f"w{next(self._ids)}"
+            self._inbox.append(request)
+            self._cond.notify()
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancels.append(request_id)
+            self._cond.notify()
+
+    def stream(self, request: Request, timeout: float | None = None):
+        """Submit and yield ``RequestEvent``s until the request ends; closing the iterator cancels it."""
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        request.on_event = events.put
+        rid = self.submit(request)
+        try:
+            while True:
+                event = events.get(timeout=timeout)
+                yield event
+                if event.finished:
+                    return
+        finally:
+            self.cancel(rid)  # no-op if it already finished
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._inbox or self._cancels or self.engine.has_work()):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            for request in inbox:
+                try:
+                    self.engine.submit(request)
+                except (EngineInputError, EngineFullError) as exc:
+                    log.warning("request %s refused: %s", request.request_id, exc)
+                    if request.on_event:
+                        request.on_event(RequestEvent(request.request_id, finished=True, finish_reason="error"))
+            for rid in cancels:
+                self.engine.cancel(rid)
+            try:
+                self.engine.step()
+            except Exception:  # never kill the thread: fail the requests in flight, keep serving
+                log.exception("engine step failed; failing the requests in flight")
+                for state in list(self.engine.scheduler.running):
+                    self.engine._finish(state, "error")
+
+
+# --- workloads: run one, measure it, compare strategies ---------------------------------------------
+@dataclass
+class WorkloadItem:
+    """One request of a workload: its prompt, output budget and arrival time (seconds from start)."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    prompt: str = ""
+
+
+@dataclass
+class WorkloadResult:
+    """One strategy's run of a workload: per-request results, the schedule log, the metrics."""
+
+    strategy: str
+    metrics: dict
+    results: list[RequestResult]
+    arrivals: list[float]
+    schedule: list[StepRecord]
+
+    def to_dict(self) -> dict:
+        """Plain JSON data (the dashboard's Batching lab draws ``schedule`` as a Gantt chart)."""
+        return {
+            "strategy": self.strategy,
+            "metrics": self.metrics,
+            "schedule": [asdict(r) for r in self.schedule],
+            "requests": [{"request_id": r.request_id, "arrival_s": a, "first_token_s": r.first_token_s,
+                          "finished_s": r.finished_s, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
+                          "depths": [s.depth for s in r.trace.steps], "text": r.text}
+                         for r, a in zip(self.results, self.arrivals)],
+        }
+
+
+def run_workload(model, items: list[WorkloadItem], strategy: str = "cdb", tokenizer=None,
+                 policy_factory: Callable[[], DepthPolicy | None] = lambda: None, kv_mode: str = "sync",
+                 max_requests: int = 16, max_batch_tokens: int = 512, prefill_chunk: int = 64,
+                 device=None, dtype=None, sampling: Sampling | None = None) -> WorkloadResult:
+    """Run ``items`` through a fresh engine in real time (each request submitted at its arrival time).
+
+    ``policy_factory`` makes each request's depth policy (ignored by the full-depth strategies).
+    Request ``i`` gets id ``"r{i}"``.
+    """
+    engine = BatchEngine(model, tokenizer, strategy=strategy, max_requests=max_requests,
+                         max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk,
+                         max_queue=max(len(items), 1), device=device, dtype=dtype)
+    order = sorted(range(len(items)), key=lambda i: items[i].arrival_s)
+    next_i = 0
+    engine.reset_clock()
+    while next_i < len(order) or engine.has_work():
+        now = engine.now()
+        while next_i < len(order) and items[order[next_i]].arrival_s <= now:
+            it = items[order[next_i]]
+            engine.submit(Request(prompt_ids=list(it.prompt_ids), max_new_tokens=it.max_new_tokens,
+                                  policy=policy_factory(), kv_mode=kv_mode, sampling=sampling or Sampling(),
+                                  request_id=f"r{order[next_i]}", prompt=it.prompt))
+            next_i += 1
+        if engine.has_work():
+            engine.step()
+        elif next_i < len(order):
+            time.sleep(max(0.0, items[order[next_i]].arrival_s - engine.now()))
+    results = [engine.results[f"r{i}"] for i in range(len(items))]
+    arrivals = [it.arrival_s for it in items]
+    return WorkloadResult(strategy, workload_metrics(engine, results, arrivals), results, arrivals, engine.log)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def workload_metrics(engine: BatchEngine, results: list[RequestResult], arrivals: list[float]) -> dict:
+    """Throughput, latency percentiles, depth, block calls, occupancy and overhead of one run."""
+    tokens = sum(len(r.token_ids) for r in results)
+    start = min(arrivals) if arrivals else 0.0
+    makespan = max((r.finished_s for r in results), default=0.0) - start
+    ttft = [r.first_token_s - a for r, a in zip(results, arrivals) if r.first_token_s is not None]
+    tpot = [(r.token_times_s[-1] - r.token_times_s[0]) / (len(r.token_times_s) - 1)
+            for r in results if len(r.token_times_s) > 1]
+    depths = [s.depth for r in results for s in r.trace.steps]
+    calls = engine.log
+    items_per_call = [len(rec.items) for rec in calls]
+    return {
+        "strategy": engine.strategy,
+        "requests": len(results),
+        "tokens": tokens,
+        "makespan_s": makespan,
+        "tokens_per_s": tokens / makespan if makespan > 0 else 0.0,
+        "requests_per_s": len(results) / makespan if makespan > 0 else 0.0,
+        "ttft_p50_ms": 1000 * _pct(ttft, 0.5) if ttft else None,
+        "ttft_p95_ms": 1000 * _pct(ttft, 0.95) if ttft else None,
+        "tpot_p50_ms": 1000 * _pct(tpot, 0.5) if tpot else None,
+        "tpot_p95_ms": 1000 * _pct(tpot, 0.95) if tpot else None,
+        "avg_depth": sum(depths) / len(depths) if depths else 0.0,
+        "block_calls": engine.block_calls,
+        "mean_items_per_call": sum(items_per_call) / len(items_per_call) if items_per_call else 0.0,
+        "occupancy": (sum(items_per_call) / len(items_per_call) / engine.scheduler.max_requests) if items_per_call else 0.0,
+        "mean_tokens_per_call": sum(r.batch_tokens for r in calls) / len(calls) if calls else 0.0,
+        "step_ms_mean": 1000 * engine.step_s / engine.block_calls if engine.block_calls else 0.0,
+        "overhead_share": engine.overhead_s / engine.step_s if engine.step_s else 0.0,
+        "finish_reasons": {k: sum(r.finish_reason == k for r in results) for k in ("eos", "length", "stop", "cancelled", "error")},
+    }
+
+
+def compare_strategies(model, items: list[WorkloadItem], strategies: Sequence[str] = STRATEGIES,
+                       **kwargs) -> dict[str, WorkloadResult]:
+    """Run the same workload under each strategy (same engine code, same run) and add ratios to
+    static batching and, for adaptive strategies, greedy agreement with a full-depth strategy."""
+    runs = {s: run_workload(model, items, strategy=s, **kwargs) for s in strategies}
+    base = runs.get("static")
+    full = runs.get("csb") or runs.get("static")
+    for name, run in runs.items():
+        m = run.metrics
+        if base is not None and base.metrics["tokens_per_s"]:
+            m["speedup_vs_static"] = m["tokens_per_s"] / base.metrics["tokens_per_s"]
+        if full is not None:
+            same = total = 0
+            for a, b in zip(run.results, full.results):
+                n = min(len(a.token_ids), len(b.token_ids))
+                same += sum(x == y for x, y in zip(a.token_ids[:n], b.token_ids[:n]))
+                total += n
+            m["agreement_with_full_depth"] = same / total if total else None
+    return runs
