@@ -90,11 +90,16 @@ def whitening(cov: torch.Tensor, damping: float = 1e-3) -> torch.Tensor:
     return r.T * torch.sign(r.diagonal())[None, :]
 
 
-def asvd_factors(residual: torch.Tensor, cov: torch.Tensor, rank: int,
-                 damping: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` ``(A, B)`` minimising ``||(residual - B A) S||_F`` with ``S S^T = cov`` (damped)."""
-    s = whitening(cov, damping)
-    u, sigma, vh = torch.linalg.svd(residual.double() @ s, full_matrices=False)
+def asvd_factors(residual: torch.Tensor, cov: torch.Tensor | None, rank: int, damping: float = 1e-3,
+                 whitener: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ``(A, B)`` minimising ``||(residual - B A) S||_F`` with ``S S^T = cov`` (damped).
+
+    ``whitener``: a precomputed ``whitening(cov, damping)`` (shared by projections with one input).
+    The SVD runs in float32 (the whitener is computed in float64).
+    """
+    s = whitening(cov, damping) if whitener is None else whitener
+    u, sigma, vh = torch.linalg.svd((residual.double() @ s).float(), full_matrices=False)
+    u, sigma, vh = u.double(), sigma.double(), vh.double()
     root = sigma[:rank].sqrt()
     b = u[:, :rank] * root
     # A S = root * V_r^T  ->  solve for A without forming S^{-1}
@@ -116,6 +121,7 @@ def apply_asvd_(rec: RecursiveForCausalLM, teacher: nn.Module, covariances: Cova
                 damping: float = 1e-3) -> RecursiveForCausalLM:
     """Overwrite every LoRA pair of ``rec`` with activation-aware factors of its residual (in place)."""
     originals = original_positions(rec, len(teacher.model.layers))
+    whiteners: dict[tuple[int, str], torch.Tensor] = {}
     for p, layer in enumerate(rec.model.layers):
         source = teacher.model.layers[originals[p]]
         for name in PROJECTIONS:
@@ -124,7 +130,10 @@ def apply_asvd_(rec: RecursiveForCausalLM, teacher: nn.Module, covariances: Cova
                 continue
             original = getattr(projection_owner(source, name), name).weight
             residual = original.float() - lora.weight.float()
-            a, b = asvd_factors(residual, covariances[(originals[p], INPUT_OF[name])], lora.rank, damping)
+            key = (originals[p], INPUT_OF[name])
+            if key not in whiteners:
+                whiteners[key] = whitening(covariances[key], damping)
+            a, b = asvd_factors(residual, None, lora.rank, whitener=whiteners[key])
             lora.lora_A.copy_(a.to(lora.lora_A.dtype))
             lora.lora_B.copy_(b.to(lora.lora_B.dtype))
     return rec

@@ -243,13 +243,22 @@ def train(args: argparse.Namespace) -> Path:
     """Run (or resume) one ``uptrain`` / ``exits`` run; returns the checkpoint folder."""
     from accelerate import Accelerator
 
-    from .checkpoint import load_model
-    from .data import iter_batches, load_split
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
-    _setup_logging(out, accelerator.is_main_process)
+    handler = _setup_logging(out, accelerator.is_main_process)
+    try:
+        return _train(args, out, accelerator)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
+    from .checkpoint import load_model
+    from .data import iter_batches, load_split
+
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python -m model.train " + " ".join(shlex.quote(a) for a in args.argv)
@@ -339,12 +348,12 @@ def train(args: argparse.Namespace) -> Path:
         progress.wall_seconds = wall_at_start + time.time() - started
         rate = progress.tokens_seen / max(progress.wall_seconds, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:.0f}")
-        _append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": progress.step, "loss": float(loss),
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:.0f}")
+        _append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": progress.step, "loss": float(loss.detach()),
                                               "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen,
                                               "wall_seconds": round(progress.wall_seconds, 1), **stats})
         if progress.step % args.log_every == 0:
-            log.info("step %d/%d loss %.4f %s lr %.2e %.0f tok/s", progress.step, total_steps, float(loss),
+            log.info("step %d/%d loss %.4f %s lr %.2e %.0f tok/s", progress.step, total_steps, float(loss.detach()),
                      {k: round(v, 4) for k, v in stats.items()}, scheduler.get_last_lr()[0], rate)
         done = progress.step >= total_steps
         if args.eval_every and (progress.step % args.eval_every == 0 or done):
@@ -390,17 +399,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _setup_logging(out: Path, main: bool) -> None:
+def _setup_logging(out: Path, main: bool) -> logging.Handler | None:
+    """Log to ``<out>/log.txt`` (appending across resumes) on the main process."""
     if not main:
-        return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return None
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (out / "log.txt").resolve()
-               for h in root.handlers):
-        handler = logging.FileHandler(out / "log.txt")
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return handler
 
 
 # --- CLI ------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""Training on tiny random models: KD steps help, resume is exact, halting heads learn, exits run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import model.data
+from model import train as T
+from model.checkpoint import load_model, load_tokenizer
+from tests.conftest import tiny_llama
+
+SEQ, ROWS = 16, 64
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """A tiny teacher folder and synthetic train/val splits patched into model.data."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    teacher = tiny_llama(layers=6)
+    base = tmp_path / "teacher"
+    teacher.save_pretrained(base)
+    load_tokenizer("smollm2-135m").save_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    # learnable structure: each row repeats a short random pattern
+    patterns = torch.randint(3, 256, (ROWS, 4), generator=g)
+    rows = patterns.repeat(1, SEQ // 4)
+    splits = {"train": rows, "val": rows[:4]}
+
+    def iter_batches(name, batch_size, seq_len=SEQ, seed=0, start_row=0, shuffle=True, drop_last=False):
+        data = splits[name]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(len(data))
+        for start in range(start_row, len(order), batch_size):
+            index = order[start:start + batch_size]
+            if drop_last and len(index) < batch_size:
+                return
+            yield data[index]
+
+    monkeypatch.setattr(model.data, "iter_batches", iter_batches)
+    monkeypatch.setattr(model.data, "load_split", lambda name, seq_len=SEQ: splits[name])
+    return tmp_path, base
+
+
+def uptrain_args(base, out, steps=4, extra=()):
+    argv = ["uptrain", "--base", str(base), "--loops", "2", "--sharing", "cycle", "--init", "average",
+            "--lora-rank", "4", "--lora-init", "svd", "--tokens", str(steps * 2 * 2 * SEQ), "--seq-len", str(SEQ),
+            "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--warmup", "1", "--eval-every", "0",
+            "--save-every", "2", "--val-rows", "2", "--out", str(out), *extra]
+    args = T.build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def test_parse_tokens():
+    assert T.parse_tokens("300k") == 300_000 and T.parse_tokens("1M") == 1_000_000 and T.parse_tokens("512") == 512
+    assert T.parse_tokens("1.5m") == 1_500_000
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    a = torch.randn(2, 5, 11)
+    for kind in ("forward_kl", "reverse_kl"):
+        assert float(T.kd_loss(a, a, 2.0, kind)) == pytest.approx(0.0, abs=1e-6)
+        assert float(T.kd_loss(a, torch.randn(2, 5, 11), 1.0, kind)) > 0
+
+
+def test_optimizer_steps_reduce_kd_loss(tiny_run):
+    tmp, base = tiny_run
+    out = tmp / "run"
+    T.train(uptrain_args(base, out, steps=12, extra=["--train", "all"]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_kd = [r["kd"] for r in records if r["kind"] == "train"]
+    assert len(train_kd) == 12
+    assert sum(train_kd[-3:]) / 3 < 0.8 * sum(train_kd[:3]) / 3
+    rec = load_model(out / "checkpoint")[0]
+    stage = rec.config.training["stages"][-1]
+    assert stage["stage"] == "uptrain" and stage["complete"] and stage["tokens_seen"] == 12 * 4 * SEQ
+    assert stage["val"]["ppl"] and "model.train uptrain" in stage["command"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_run, monkeypatch):
+    tmp, base = tiny_run
+    T.train(uptrain_args(base, tmp / "straight"))
+
+    real_save = T.save_run_checkpoint
+
+    def save_then_die(out, model, tok, opt, sched, progress):
+        real_save(out, model, tok, opt, sched, progress)
+        if progress.step == 2:
+            raise KeyboardInterrupt("simulated kill right after the step-2 checkpoint")
+
+    monkeypatch.setattr(T, "save_run_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(uptrain_args(base, tmp / "resumed"))
+    assert T.load_trainer_state(tmp / "resumed")["progress"]["step"] == 2
+    monkeypatch.setattr(T, "save_run_checkpoint", real_save)
+    T.train(uptrain_args(base, tmp / "resumed"))  # the same command again: continues from step 2
+
+    a, b = T.load_trainer_state(tmp / "straight"), T.load_trainer_state(tmp / "resumed")
+    for key in ("step", "tokens_seen", "epoch", "row"):
+        assert a["progress"][key] == b["progress"][key], key
+    assert a["scheduler"] == b["scheduler"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-6)
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-8)
+    ma, mb = load_model(tmp / "straight" / "checkpoint")[0], load_model(tmp / "resumed" / "checkpoint")[0]
+    for (na, pa), (nb, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
+
+
+def test_exits_trains_halting_heads_from_an_uptrained_run(tiny_run):
+    tmp, base = tiny_run
+    T.train(uptrain_args(base, tmp / "up", steps=2))
+    argv = ["exits", "--from", str(tmp / "up"), "--base", str(base), "--tokens", str(2 * 2 * 2 * SEQ),
+            "--seq-len", str(SEQ), "--batch-size", "2", "--grad-accum", "2", "--halting-hidden", "8",
+            "--eval-every", "0", "--save-every", "2", "--val-rows", "2", "--out", str(tmp / "ee")]
+    args = T.build_parser().parse_args(argv)
+    args.argv = argv
+    T.train(args)
+    rec = load_model(tmp / "ee" / "checkpoint")[0]
+    assert rec.has_halting_heads and rec.config.halting_hidden == 8
+    assert [s["stage"] for s in rec.config.training["stages"]] == ["uptrain", "exits"]
+    records = [json.loads(line) for line in (tmp / "ee" / "metrics.jsonl").read_text().splitlines()]
+    assert all("bce_loop1" in r for r in records if r["kind"] == "train")
+
+
+def test_halting_head_learns_a_separable_toy_case():
+    from model.modeling import HaltingHead
+
+    torch.manual_seed(0)
+    head = HaltingHead(16, 8)
+    x = torch.randn(512, 16)
+    target = (x[:, 0] + 0.5 * x[:, 1] > 0).float()
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    accuracy = float(((head(x) > 0).float() == target).float().mean())
+    assert accuracy > 0.95
