@@ -435,7 +435,7 @@ class BatchEngine:
     def __init__(self, model, tokenizer=None, strategy: str = "cdb", max_requests: int = 16,
                  max_batch_tokens: int = 512, prefill_chunk: int = 64, max_queue: int = 256,
                  device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                 model_name: str | None = None, keep_log: bool = True):
+                 model_name: str | None = None, keep_log: bool = True, keep_results: bool = True):
         model = as_recursive(model)
         if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
@@ -448,7 +448,8 @@ class BatchEngine:
         self.scheduler = Scheduler(strategy, max_requests, max_batch_tokens, prefill_chunk, max_queue)
         self.runner = BlockRunner(model)
         self.model_desc = describe_model(model, model_name)
-        self.keep_log = keep_log
+        self.keep_log = keep_log  # a server turns both off: they grow with every step / request
+        self.keep_results = keep_results
         self.log: list[StepRecord] = []
         self.results: dict[str, RequestResult] = {}
         self._states: dict[str, RequestState] = {}
@@ -790,6 +791,10 @@ class BatchEngine:
             self.scheduler.running.remove(state)
         self._states.pop(state.id, None)
         now = self.now()
+        if not self.keep_results:
+            if state.request.on_event:
+                state.request.on_event(RequestEvent(state.id, finished=True, finish_reason=reason))
+            return
         self.results[state.id] = RequestResult(
             request_id=state.id, token_ids=list(state.generated), text=state.text_so_far, finish_reason=reason,
             trace=state.trace, submitted_s=state.submitted_s, first_token_s=state.first_token_s, finished_s=now,

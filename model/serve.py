@@ -1,0 +1,443 @@
+"""OpenAI-compatible HTTP server with continuous depth-wise batching inside.
+
+    python -m model.serve --model default --port 8000
+
+Endpoints (FastAPI + uvicorn, the stack gradio already brings):
+
+- ``POST /v1/completions``       prompt -> text (``stream: true``: server-sent events)
+- ``POST /v1/chat/completions``  messages -> reply, rendered with the tokenizer's chat template
+- ``GET  /v1/models``            the one model served
+- ``GET  /health``               status, requests in flight, strategy
+
+Every streamed chunk carries the token's loop depth in the extension fields ``depth`` and
+``exit_reason`` of its choice; non-streamed replies carry ``depths``. Extension request fields:
+``policy`` ("fixed" | "confidence" | "saturation" | "halting"), ``threshold``, ``depth`` (fixed),
+``kv_mode`` ("sync" | "copy"), ``repetition_penalty``.
+
+Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+input (empty or over-long prompt, parameters out of range), 404 unknown model or route, 422
+malformed body, 429 queue full, 500 engine failure (message only, never a stack trace). The
+engine runs in one background thread (``EngineWorker``); a client that disconnects cancels its
+request.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batching import STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
+from .engine import KV_MODES, EngineInputError, Sampling, as_recursive
+from .policies import POLICIES, make_policy
+
+log = logging.getLogger(__name__)
+
+FALLBACK_BASE = "smollm2-135m"
+FALLBACK_CONVERSION = dict(num_loops=3, sharing="cycle", lora_rank=64)  # the project's default conversion
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+@dataclass
+class ServerLimits:
+    """Boundary limits; requests beyond them get a 400 that names the limit."""
+
+    max_tokens: int = 512  # per request
+    max_prompt_chars: int = 20_000
+    max_stop: int = 4  # stop strings per request
+    max_messages: int = 64
+    max_prompt_tokens: int | None = None  # default: the model's context minus max_tokens
+
+
+class APIError(Exception):
+    """An error the client caused (or a refusal); becomes an OpenAI-style JSON error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+# --- request bodies (pydantic: wrong types -> 422) ----------------------------------------------------
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, not refused
+
+    model: str
+    max_tokens: int | None = Field(default=None)
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Any = None
+    # extensions
+    repetition_penalty: float = 1.0
+    policy: str | None = None
+    threshold: float | None = None
+    depth: int | None = None
+    kv_mode: str | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessage]
+
+
+# --- the app ---------------------------------------------------------------------------------------
+class StopTrimmer:
+    """Holds back the last ``len(longest stop) - 1`` characters while streaming, so a stop string is
+    never sent (OpenAI semantics: the stop sequence is not part of the output)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        cut = self._cut()
+        safe = len(self.text) - self.hold if cut is None else cut
+        out = self.text[self.sent:max(self.sent, safe)]
+        self.sent += len(out)
+        return out
+
+    def finish(self) -> str:
+        cut = self._cut()
+        end = len(self.text) if cut is None else cut
+        out = self.text[self.sent:max(self.sent, end)]
+        self.sent += len(out)
+        return out
+
+    def _cut(self) -> int | None:
+        found = [self.text.find(s) for s in self.stops if s in self.text]
+        return min(found) if found else None
+
+
+def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerLimits | None = None,
+               default_policy: dict | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app around a started ``EngineWorker`` (tests build it in-process)."""
+    limits = limits or ServerLimits()
+    default_policy = default_policy or {"policy": "fixed", "depth": worker.engine.cfg.num_loops}
+    names = {model_name, *aliases}
+    cfg = worker.engine.cfg
+    app = FastAPI(title="Adaptive-Depth Lab: OpenAI-compatible server", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+        kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
+                429: "rate_limit_error"}.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return error(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(422, f"invalid request body: {where or 'body'}: {first.get('msg', 'malformed')}", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, exc: Exception):
+        log.exception("unhandled server error")
+        return error(500, "internal error in the server; see its log")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "strategy": worker.engine.strategy,
+                "pending": worker.pending, "max_pending": worker.max_pending, "loops": cfg.num_loops}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                             "owned_by": "adaptive-depth-lab", "num_loops": cfg.num_loops}]}
+
+    def build(body: _Common, prompt_ids: list[int], prompt_text: str) -> Request:
+        """Boundary validation: every refusal is a 400 that says what is accepted."""
+        if body.model not in names:
+            raise APIError(404, f"unknown model {body.model!r}; this server serves {sorted(names)}", "model",
+                           "model_not_found")
+        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        if not 1 <= max_tokens <= limits.max_tokens:
+            raise APIError(400, f"max_tokens must be in 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        if body.logprobs or getattr(body, "echo", False):
+            raise APIError(400, "logprobs and echo are not supported", "logprobs")
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence/frequency penalties are not supported; use repetition_penalty",
+                           "presence_penalty")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > limits.max_stop or any(not s for s in stops):
+            raise APIError(400, f"stop: at most {limits.max_stop} non-empty strings", "stop")
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        limit = limits.max_prompt_tokens or cfg.max_position_embeddings - max_tokens
+        if len(prompt_ids) > limit:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; at most {limit} fit with "
+                                f"max_tokens={max_tokens}", "prompt", "context_length_exceeded")
+        spec = {**default_policy}
+        if body.policy is not None:
+            if body.policy not in POLICIES:
+                raise APIError(400, f"policy must be one of {sorted(POLICIES)}", "policy")
+            spec = {"policy": body.policy}
+        if body.threshold is not None:
+            spec["threshold"] = body.threshold
+        if body.depth is not None:
+            spec["depth"] = body.depth
+        kv_mode = body.kv_mode or default_policy.get("kv_mode", "sync")
+        if kv_mode not in KV_MODES:
+            raise APIError(400, f"kv_mode must be one of {KV_MODES}", "kv_mode")
+        try:
+            policy = make_policy(spec["policy"], spec.get("threshold"), spec.get("depth"))
+            sampling = Sampling(body.temperature, body.top_p, body.repetition_penalty,
+                                body.seed if body.seed is not None else 0)
+            sampling.validate()
+        except (ValueError, EngineInputError) as exc:
+            raise APIError(400, str(exc)) from exc
+        return Request(prompt_ids=prompt_ids, max_new_tokens=max_tokens, policy=policy, kv_mode=kv_mode,
+                       sampling=sampling, stop=stops, prompt=prompt_text,
+                       request_id=f"{uuid.uuid4().hex[:24]}")
+
+    def encode(text: str, param: str) -> list[int]:
+        if not text.strip():
+            raise APIError(400, f"{param} is empty", param)
+        if len(text) > limits.max_prompt_chars:
+            raise APIError(400, f"{param} has {len(text)} characters; at most {limits.max_prompt_chars}", param,
+                           "context_length_exceeded")
+        return tokenizer(text).input_ids
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "give one prompt (a string or a list of one string)", "prompt")
+            prompt = prompt[0]
+        request = build(body, encode(prompt, "prompt"), prompt)
+        return await respond(request, body, http, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HTTPRequest):
+        if not body.messages or len(body.messages) > limits.max_messages:
+            raise APIError(400, f"messages: give 1..{limits.max_messages} messages", "messages")
+        if not any(m.content.strip() for m in body.messages):
+            raise APIError(400, "messages are empty", "messages")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions")
+        total = sum(len(m.content) for m in body.messages)
+        if total > limits.max_prompt_chars:
+            raise APIError(400, f"messages have {total} characters; at most {limits.max_prompt_chars}", "messages",
+                           "context_length_exceeded")
+        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        request = build(body, ids, body.messages[-1].content)
+        return await respond(request, body, http, chat=True)
+
+    async def respond(request: Request, body: _Common, http: HTTPRequest, chat: bool):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestEvent] = asyncio.Queue()
+        request.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        try:
+            rid = worker.submit(request)
+        except EngineFullError as exc:
+            raise APIError(429, str(exc), code="queue_full") from exc
+        except EngineInputError as exc:
+            raise APIError(400, str(exc)) from exc
+        obj_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        if body.stream:
+            return StreamingResponse(sse(rid, obj_id, events, request, chat, http), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        trimmer = StopTrimmer(request.stop)
+        depths, reasons, pieces = [], [], []
+        try:
+            while True:
+                event = await next_event(events, http, rid)
+                if event.step is not None:
+                    pieces.append(trimmer.feed(event.step.text))
+                    depths.append(event.step.depth)
+                    reasons.append(event.step.exit_reason)
+                if event.finished:
+                    break
+        finally:
+            worker.cancel(rid)  # no-op once finished; cancels on client disconnect or server error
+        if event.finish_reason == "error":
+            raise APIError(500, "the engine failed on this request; see the server log")
+        text = "".join(pieces) + trimmer.finish()
+        finish = FINISH.get(event.finish_reason, "stop")
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None, "depths": depths,
+                  "avg_depth": sum(depths) / len(depths) if depths else 0.0}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": obj_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice],
+                "usage": {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(depths),
+                          "total_tokens": len(request.prompt_ids) + len(depths)}}
+
+    async def next_event(events: asyncio.Queue, http: HTTPRequest, rid: str) -> RequestEvent:
+        """The request's next event; raises ``asyncio.CancelledError`` if the client went away."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    log.info("client of %s disconnected: cancelling", rid)
+                    raise asyncio.CancelledError
+
+    async def sse(rid, obj_id, events, request: Request, chat: bool, http: HTTPRequest):
+        created_s = int(time.time())
+        trimmer = StopTrimmer(request.stop)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, extra: dict | None = None, first: bool = False) -> str:
+            choice: dict = {"index": 0, "finish_reason": finish, **(extra or {})}
+            if chat:
+                choice["delta"] = ({"role": "assistant", "content": text or ""} if first else
+                                   ({"content": text} if text is not None else {}))
+            else:
+                choice["text"] = text or ""
+                choice["logprobs"] = None
+            return "data: " + json.dumps({"id": obj_id, "object": kind, "created": created_s, "model": model_name,
+                                          "choices": [choice]}) + "\n\n"
+
+        try:
+            first = True
+            while True:
+                event = await next_event(events, http, rid)
+                if event.step is not None:
+                    yield chunk(trimmer.feed(event.step.text), None,
+                                {"depth": event.step.depth, "exit_reason": event.step.exit_reason,
+                                 "token_index": event.step.index}, first=first)
+                    first = False
+                if event.finished:
+                    break
+            if event.finish_reason == "error":
+                yield "data: " + json.dumps({"error": {"message": "the engine failed on this request",
+                                                       "type": "server_error", "param": None, "code": None}}) + "\n\n"
+            else:
+                rest = trimmer.finish()
+                if rest:
+                    yield chunk(rest, None)
+                yield chunk(None, FINISH.get(event.finish_reason, "stop"))
+            yield "data: [DONE]\n\n"
+        finally:
+            worker.cancel(rid)  # client gone (generator closed) or finished: both fine
+
+    return app
+
+
+# --- loading and the command line -----------------------------------------------------------------
+def load_served_model(name: str, fallback: bool = True, loops: int | None = None):
+    """``(recursive model, tokenizer, served name, note)`` for ``--model``.
+
+    "default" is the trained default; if this checkout has none and ``fallback`` is on, the
+    project's default conversion of SmolLM2-135M (3 loops, LoRA rank 64, untrained) is served
+    instead and ``note`` says so. A plain Llama model is converted when ``loops`` is given.
+    """
+    from .checkpoint import ModelLoadError, load_model
+    from .recursify import recursify
+
+    note = None
+    try:
+        model, tokenizer = load_model(name)
+    except ModelLoadError as exc:
+        if name != "default" or not fallback:
+            raise
+        note = (f"FALLBACK: no trained default ({exc}); serving the untrained conversion of {FALLBACK_BASE} "
+                f"({FALLBACK_CONVERSION}); pass --no-fallback to fail instead")
+        base, tokenizer = load_model(FALLBACK_BASE)
+        model = recursify(base, base_name=FALLBACK_BASE, **FALLBACK_CONVERSION)
+    else:
+        if loops and getattr(model.config, "model_type", "") != "recursive_llama":
+            model = recursify(model, num_loops=loops, lora_rank=64, base_name=name)
+    return as_recursive(model).eval(), tokenizer, name, note
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model
+    parser.add_argument("--model", default="default", help="a load_model name: default, smollm2-135m, a folder")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="fail if 'default' is missing instead of serving the untrained conversion")
+    parser.add_argument("--loops", type=int, default=None, help="convert a plain Llama model to this many loops")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    # engine
+    parser.add_argument("--strategy", default="cdb", choices=STRATEGIES)
+    parser.add_argument("--max-requests", type=int, default=16, help="requests in one batch")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="query tokens per block call")
+    parser.add_argument("--prefill-chunk", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=64, help="queued requests beyond the batch; then 429")
+    parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
+    # default depth policy (requests may override with the extension fields)
+    parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                        help="default: halting if the model has halting heads, else fixed full depth")
+    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--kv-mode", default="sync", choices=KV_MODES)
+    # http
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .checkpoint import ModelLoadError
+
+    try:
+        model, tokenizer, name, note = load_served_model(args.model, not args.no_fallback, args.loops)
+    except ModelLoadError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    if note:
+        log.warning(note)
+    engine = BatchEngine(model, tokenizer, strategy=args.strategy, max_requests=args.max_requests,
+                         max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
+                         max_queue=args.max_queue, device=args.device, dtype=args.dtype, model_name=name,
+                         keep_log=False, keep_results=False)
+    policy = args.policy or ("halting" if model.has_halting_heads else "fixed")
+    spec = {"policy": policy, "threshold": args.threshold, "depth": model.config.num_loops, "kv_mode": args.kv_mode}
+    worker = EngineWorker(engine).start()
+    app = create_app(worker, tokenizer, name, ServerLimits(max_tokens=args.max_tokens), spec)
+    log.info("serving %s (%d loops, strategy %s, policy %s) on http://%s:%d/v1", name, model.config.num_loops,
+             args.strategy, policy, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    main()
