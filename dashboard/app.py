@@ -1,6 +1,7 @@
 """The Gradio Blocks app: layout first, then events. Handlers call ``ModelService`` and render traces."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -15,7 +16,7 @@ from model.paths import ASSETS_DIR
 from model.trace import GenerationTrace
 
 from . import plots, render
-from .service import ModelService, ServiceError
+from .service import ModelService, ServiceError, batching_lab, can_share, start_shared
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
@@ -114,6 +115,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                         with gr.Row():
                             chat = gr.Checkbox(value=True, label="Chat template (instruct model)")
                             time_full = gr.Checkbox(value=False, label="Also time a full-depth run (wall-clock speedup)")
+                            shared = gr.Checkbox(value=True, label="Share batches with other users (CDB engine)",
+                                                 info="fixed/confidence/saturation/halting with sync/copy KV; "
+                                                      "otherwise the run is solo")
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
@@ -193,6 +197,27 @@ def build_app(service: ModelService) -> gr.Blocks:
                     sw_plot = gr.Plot(plots.sweep_chart(None), elem_id="sweep-plot")
                     sw_ppl = gr.Plot(plots.sweep_chart(None, "perplexity"), elem_id="sweep-ppl")
                 sw_status = gr.Markdown("")
+            # ---------------------------------------------------------------- Batching lab
+            with gr.Tab("Batching lab", id="batching"):
+                gr.Markdown("One workload of chat prompts, run by the **same engine** under each batching strategy. "
+                            "Each row is a request, each column one call of the shared block; the colour is the loop "
+                            "the request ran in that call (pale = waiting for the batch, grey = prompt chunk). "
+                            "Depth policy and KV mode: the Live tab's settings.")
+                with gr.Row():
+                    lab_requests = gr.Slider(2, 16, value=6, step=1, label="Requests")
+                    lab_new = gr.Slider(2, 48, value=12, step=1, label="Max new tokens (each request 50-100%)")
+                    lab_rate = gr.Slider(0, 8, value=0, step=0.5, label="Arrival rate (req/s, 0 = all at once)")
+                    lab_strategies = gr.CheckboxGroup(["static", "csb", "ee_sequence", "cdb"],
+                                                      value=["static", "csb", "ee_sequence", "cdb"], label="Strategies",
+                                                      info="static · continuous sequence (csb) · early exit under "
+                                                           "sequence batching · continuous depth-wise (cdb)")
+                    lab_btn = gr.Button("Run workload", variant="primary", elem_id="lab-run")
+                lab_table = gr.Dataframe(headers=["strategy", "tok/s", "× static", "req/s", "TTFT p50 ms",
+                                                  "TTFT p95 ms", "per-token p50 ms", "avg depth", "block calls",
+                                                  "items/call", "overhead", "agreement w/ full"],
+                                         interactive=False, elem_id="lab-table")
+                lab_plots = [gr.Plot(elem_id=f"lab-gantt-{i}") for i in range(4)]
+                lab_status = gr.Markdown("")
             # ---------------------------------------------------------------- Model
             with gr.Tab("Model", id="model"):
                 with gr.Row():
@@ -204,22 +229,23 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         # ================================================================ events
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
-                       temperature, top_p, rep_pen, seed, time_full]
+                       temperature, top_p, rep_pen, seed, time_full, shared]
         live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
                         status, details]
 
         @gpu
         @user_errors
         def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
-                     temp_v, top_p_v, rep_v, seed_v, time_full_v):
+                     temp_v, top_p_v, rep_v, seed_v, time_full_v, shared_v=False):
             settings = Settings(policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v, temp_v,
                                 top_p_v, rep_v, seed_v if seed_v is not None else 0, chat_v)
             settings = settings.validated(service.current.num_loops)
             text, notice = service.prepare_prompt(prompt_v, chat_v)
             if notice:
                 gr.Warning(notice)
-            with service.lock:
-                s = service.start(text, settings)
+            use_engine = bool(shared_v) and can_share(settings)
+            with (contextlib.nullcontext() if use_engine else service.lock):
+                s = start_shared(service, text, settings) if use_engine else service.start(text, settings)
                 last_plot = 0.0
                 try:
                     for step in s:
@@ -237,7 +263,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                 if time_full_v:
                     yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
                            "Timing the same prompt at full depth…", gr.skip())
-                    full = service.start(text, service.full_depth_settings(settings), inspect=False)
+                    full_settings = service.full_depth_settings(settings)
+                    full = (start_shared(service, text, full_settings) if use_engine
+                            else service.start(text, full_settings, inspect=False))
                     for _ in full:
                         pass
                     adaptive_wall, full_wall = trace.totals()["wall_s"], full.trace.totals()["wall_s"]
@@ -255,10 +283,12 @@ def build_app(service: ModelService) -> gr.Blocks:
             return (plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace),
                     plots.kv_view(trace), plots.signal_histograms(trace))
 
-        run_btn.click(run_live, live_inputs, live_outputs, api_name="generate", concurrency_id="model",
-                      concurrency_limit=1)
-        prompt.submit(run_live, live_inputs, live_outputs, api_name="generate_submit", concurrency_id="model",
-                      concurrency_limit=1)
+        # Live runs share the batching engine's steps, so several users may stream at once; the
+        # solo path (other policies) serialises on service.lock inside the handler.
+        run_btn.click(run_live, live_inputs, live_outputs, api_name="generate", concurrency_id="live",
+                      concurrency_limit=8)
+        prompt.submit(run_live, live_inputs, live_outputs, api_name="generate_submit", concurrency_id="live",
+                      concurrency_limit=8)
 
         @user_errors
         def show_token(trace_dict, evt: gr.SelectData):
@@ -330,6 +360,36 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         sw_btn.click(run_sweep, [sw_text, sw_policy, sw_measure, policy, threshold, depth, measure, max_loops],
                      [sw_plot, sw_ppl, sw_status], api_name="sweep", concurrency_id="model", concurrency_limit=1)
+
+        @gpu
+        @user_errors
+        def run_lab(n_v, new_v, rate_v, strategies_v, live_policy, live_threshold, live_depth, live_measure,
+                    live_max_loops, live_kv):
+            nloops = service.current.num_loops
+            settings = Settings(live_policy, live_threshold, live_depth, live_measure, live_max_loops,
+                                live_kv).validated(nloops)
+            order = [s for s in ("static", "csb", "ee_sequence", "cdb") if s in (strategies_v or [])]
+            with service.lock:
+                runs = batching_lab(service, int(n_v), int(new_v), float(rate_v), order, settings, _examples())
+            rows, figs = [], []
+            for name in order:
+                m = runs[name]["metrics"]
+                fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)
+                rows.append([name, fmt(m["tokens_per_s"]), fmt(m.get("speedup_vs_static"), "×{:.2f}"),
+                             fmt(m["requests_per_s"], "{:.2f}"), fmt(m["ttft_p50_ms"], "{:.0f}"),
+                             fmt(m["ttft_p95_ms"], "{:.0f}"), fmt(m["tpot_p50_ms"], "{:.0f}"),
+                             fmt(m["avg_depth"], "{:.2f}"), m["block_calls"], fmt(m["mean_items_per_call"]),
+                             fmt(m["overhead_share"] * 100, "{:.0f}%"),
+                             fmt(m.get("agreement_with_full_depth"), "{:.2f}")])
+                figs.append(plots.gantt(runs[name], nloops))
+            figs += [None] * (4 - len(figs))
+            msg = (f"{int(n_v)} requests, policy **{settings.label()}**, KV {settings.kv_mode}. Measured on this "
+                   "machine, one engine, one run; agreement = generated tokens equal to the full-depth strategy's.")
+            return rows, *figs, msg
+
+        lab_btn.click(run_lab, [lab_requests, lab_new, lab_rate, lab_strategies, policy, threshold, depth, measure,
+                                max_loops, kv_mode], [lab_table, *lab_plots, lab_status], api_name="batching_lab",
+                      concurrency_id="model", concurrency_limit=1)
 
         @user_errors
         def load_model_event(label):

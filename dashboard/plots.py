@@ -143,3 +143,39 @@ def signal_histograms(trace: GenerationTrace | None) -> go.Figure:
     else:
         fig.update_layout(title="Exit signal per loop (histogram)", **LAYOUT)
     return fig
+
+
+def gantt(run: dict, max_depth: int) -> go.Figure:
+    """A strategy's measured schedule: rows = requests, x = engine steps, colour = the loop each
+    request ran in that step's single block call (grey = prefill chunk, pale = idle/waiting)."""
+    requests = [r["request_id"] for r in run["requests"]]
+    row = {rid: i for i, rid in enumerate(requests)}
+    steps = run["schedule"]
+    z = [[None] * len(steps) for _ in requests]
+    for x, rec in enumerate(steps):
+        for rid in rec["idle"]:
+            if rid in row:
+                z[row[rid]][x] = 0
+        for item in rec["items"]:
+            if item["request_id"] in row:
+                z[row[item["request_id"]]][x] = -1 if item["kind"] == "prefill" else item["loop"]
+    from .render import _stops
+
+    colours = ["#9e9e9e", "#eeeeee", *_stops(max_depth)]  # prefill, idle, loop 1..max
+    n = len(colours)
+    scale = []
+    for i, c in enumerate(colours):  # a discrete colour scale over the values -1..max_depth
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(len(steps))), y=requests, zmin=-1.5, zmax=max_depth + 0.5,
+                               colorscale=scale, hoverongaps=False,
+                               colorbar=dict(title="loop", tickvals=list(range(-1, max_depth + 1)),
+                                             ticktext=["prefill", "idle", *[str(d) for d in range(1, max_depth + 1)]]),
+                               hovertemplate="%{y}, step %{x}: %{z}<extra></extra>"))
+    m = run["metrics"]
+    speed = f", ×{m['speedup_vs_static']:.2f} vs static" if m.get("speedup_vs_static") else ""
+    fig.update_layout(title=f"{run['strategy']}: {m['tokens_per_s']:.1f} tok/s{speed}, {m['block_calls']} block calls, "
+                            f"{m['mean_items_per_call']:.1f} items per call",
+                      xaxis_title="engine step (one shared-block call)", yaxis_title="request",
+                      **{**LAYOUT, "height": max(280, 130 + 26 * len(requests))})
+    fig.update_yaxes(type="category", dtick=1)
+    return fig

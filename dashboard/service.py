@@ -20,6 +20,9 @@ from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, 
 
 from .settings import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, Settings
 
+BATCHABLE_POLICIES = ("fixed", "confidence", "saturation", "halting")  # what the batching engine runs
+BATCHABLE_KV = ("sync", "copy")
+
 log = logging.getLogger(__name__)
 
 TRAINED_DEFAULT = "Trained default (recursive SmolLM2)"
@@ -70,6 +73,8 @@ class ModelService:
         self.current: Loaded | None = None
         self.last_finish_reason: str | None = None
         self._adaptive: dict = {}  # FREE's adaptive threshold learns across sequences: one per model/measure
+        self._worker = None  # the shared continuous depth-wise batching engine (one per loaded model)
+        self._worker_label: str | None = None
         self.generations_started = 0
         if preload is not None:
             self._remember(preload)
@@ -202,3 +207,94 @@ class ModelService:
 
 
 __all__ = ["Loaded", "ModelService", "ServiceError"]
+
+
+# --- shared batching engine (several browser users share one batch) ---------------------------------
+class SharedStream:
+    """A Live generation submitted to the shared batching engine: iterate for ``TokenStep``s;
+    ``.trace`` grows as they come; ``close()`` cancels the request (e.g. the browser went away)."""
+
+    def __init__(self, events, trace):
+        self._events, self.trace = events, trace
+
+    def __iter__(self):
+        for event in self._events:
+            if event.step is not None:
+                self.trace.steps.append(event.step)
+                yield event.step
+            if event.finished:
+                self.trace.finish_reason = event.finish_reason
+                if event.finish_reason == "error":
+                    raise ServiceError("the batching engine failed on this request; try again")
+                return
+
+    def close(self) -> None:
+        if self.trace.finish_reason is None:
+            self.trace.finish_reason = "cancelled"
+        self._events.close()
+
+
+def _shared_worker(service: ModelService):
+    from model.batching import BatchEngine, EngineWorker
+
+    loaded = service.current
+    if service._worker is None or service._worker_label != loaded.label:
+        if service._worker is not None:
+            service._worker.stop()
+        engine = BatchEngine(loaded.model, loaded.tokenizer, strategy="cdb", max_requests=8, max_queue=32,
+                             model_name=loaded.label, keep_log=False, keep_results=False)
+        service._worker, service._worker_label = EngineWorker(engine).start(), loaded.label
+    return service._worker
+
+
+def can_share(settings: Settings) -> bool:
+    """Whether these settings run on the shared batching engine (else a solo stream)."""
+    return settings.policy in BATCHABLE_POLICIES and settings.kv_mode in BATCHABLE_KV
+
+
+def start_shared(service: ModelService, prompt: str, settings: Settings) -> SharedStream:
+    """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps."""
+    from model.batching import EngineFullError, Request
+    from model.engine import Sampling
+    from model.trace import GenerationTrace
+
+    loaded = service.current
+    ids = encode_prompt(loaded.tokenizer, prompt, settings.chat)
+    request = Request(prompt_ids=ids, max_new_tokens=settings.max_new_tokens, policy=service.policy_for(settings),
+                      kv_mode=settings.kv_mode, max_loops=settings.max_loops, prompt=prompt,
+                      sampling=Sampling(settings.temperature, settings.top_p, settings.repetition_penalty, settings.seed))
+    trace = GenerationTrace(prompt=prompt, prompt_tokens=len(ids),
+                            settings={**request.policy.describe(), **settings.__dict__, "engine": "shared cdb"},
+                            model=loaded.description)
+    try:
+        events = _shared_worker(service).stream(request, timeout=600)
+        service.generations_started += 1
+        return SharedStream(events, trace)
+    except EngineFullError as exc:
+        raise ServiceError(str(exc)) from exc
+
+
+def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: float, strategies: list[str],
+                 settings: Settings, prompts: list[str], seed: int = 0) -> dict[str, dict]:
+    """Run one workload under each strategy (same engine code, same run); plain data per strategy."""
+    import random
+
+    from model.batching import WorkloadItem, compare_strategies
+
+    if not strategies:
+        raise ServiceError("Pick at least one strategy.")
+    if not can_share(settings):
+        raise ServiceError(f"The batching engine runs the policies {BATCHABLE_POLICIES} with KV {BATCHABLE_KV}; "
+                           "change the Live tab's policy or KV mode.")
+    loaded = service.current
+    rng = random.Random(seed)
+    items, t = [], 0.0
+    for i in range(n_requests):
+        ids = encode_prompt(loaded.tokenizer, prompts[i % len(prompts)], True)
+        items.append(WorkloadItem(ids, rng.randint(max(1, max_new // 2), max_new), t, prompts[i % len(prompts)]))
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    runs = compare_strategies(loaded.model, items, strategies, tokenizer=loaded.tokenizer,
+                              policy_factory=lambda: make_policy(settings.policy, settings.threshold, settings.depth,
+                                                                 settings.measure),
+                              kv_mode=settings.kv_mode, max_requests=8)
+    return {name: run.to_dict() for name, run in runs.items()}

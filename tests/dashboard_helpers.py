@@ -25,7 +25,7 @@ def launch(service: ModelService):
 
 LIVE_DEFAULTS = dict(prompt_v="Hello there", chat_v=True, policy_v="confidence", threshold_v=0.01, depth_v=1,
                      measure_v="max_prob", max_loops_v=3, kv_v="sync", max_new_v=8, temp_v=0.0, top_p_v=1.0,
-                     rep_v=1.1, seed_v=0, time_full_v=False)
+                     rep_v=1.1, seed_v=0, time_full_v=False, shared_v=False)
 
 
 def live_args(**overrides) -> list:

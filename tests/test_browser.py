@@ -106,6 +106,15 @@ def test_sweep_tab_plots_the_pareto_view(page):
     shoot(page, "sweep")
 
 
+def test_batching_lab_draws_measured_schedules(page):
+    page.get_by_role("tab", name="Batching lab").click()
+    page.click("#lab-run")
+    wait_text(page, "#lab-table", "cdb")
+    page.wait_for_selector("#lab-gantt-3 .js-plotly-plot", timeout=TIMEOUT_MS)
+    assert "static" in page.inner_text("#lab-table")
+    shoot(page, "batching")
+
+
 def test_model_tab_describes_the_loaded_model(page):
     page.get_by_role("tab", name="Model").click()
     wait_text(page, "#model-card", "unique parameters")

@@ -140,3 +140,25 @@ def test_routed_kv_mode_and_adaptive_policy_through_the_app(app):
     assert trace_of(first).settings["policy"] == "adaptive"
     with pytest.raises(Exception, match="router"):
         client.predict(*live_args(policy_v="router", threshold_v=0.0), api_name="/generate")
+
+
+def test_live_through_the_shared_batching_engine_matches_a_solo_run(app):
+    _, client = app
+    solo = trace_of(client.predict(*live_args(policy_v="fixed", depth_v=2, max_new_v=6), api_name="/generate"))
+    shared = trace_of(client.predict(*live_args(policy_v="fixed", depth_v=2, max_new_v=6, shared_v=True),
+                                     api_name="/generate"))
+    assert shared.settings.get("engine") == "shared cdb"
+    assert [s.token_id for s in shared.steps] == [s.token_id for s in solo.steps]
+    assert [s.depth for s in shared.steps] == [2] * len(solo.steps)
+
+
+def test_batching_lab_runs_the_strategies_and_draws_their_schedules(app):
+    _, client = app
+    result = client.predict(3, 4, 0, ["static", "cdb"], "fixed", 0.5, 1, "max_prob", 3, "sync",
+                            api_name="/batching_lab")
+    table = result[0]
+    rows = table["data"] if isinstance(table, dict) else table
+    assert [r[0] for r in rows] == ["static", "cdb"]
+    gantt = json.loads(result[1]["plot"])
+    assert gantt["data"][0]["type"] == "heatmap" and len(gantt["data"][0]["y"]) == 3
+    assert "agreement" in result[-1]
