@@ -194,3 +194,42 @@ def fixed_depth_points(scores: TextScores) -> list[SweepPoint]:
         policy = FixedDepth(d)
         points.append(evaluate_depths(scores, [d] * len(scores.token_ids), policy, float(d)))
     return points
+
+
+@torch.no_grad()
+def forced_decode(model, token_ids: list[int], policy: DepthPolicy, kv_mode: str = "sync", prefix: int = 1,
+                  reference_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> dict:
+    """Teacher-forced decoding through the real engine (exact decode-time semantics, any KV mode).
+
+    Feeds ``token_ids`` one by one after prefilling ``prefix`` tokens; each step's exit logits predict
+    the next true token. Returns mean depth, perplexity, agreement with ``reference_logits`` (full
+    depth, (T, V)), KL to ``teacher_logits`` where given, FLOPs per token (decisions included) and the
+    KV entries held at the end vs full depth. Slower than ``replay`` but exact for routed KV modes.
+    """
+    from .engine import AdaptiveDecoder
+
+    model = as_recursive(model)
+    dec = AdaptiveDecoder(model, policy, kv_mode=kv_mode)
+    dec.prefill(token_ids[:prefix])
+    nll, agree, kl, depths, flops, full = 0.0, 0, 0.0, [], 0.0, 0.0
+    targets = token_ids[prefix + 1:]
+    for i, (token, target) in enumerate(zip(token_ids[prefix:-1], targets)):
+        r = dec.step(token)
+        logp = torch.log_softmax(r.logits.float(), -1)
+        nll -= float(logp[target])
+        t = prefix + i  # the position whose next-token distribution this is
+        if reference_logits is not None:
+            agree += int(r.logits.argmax() == reference_logits[t].argmax())
+        if teacher_logits is not None:
+            tp = torch.log_softmax(teacher_logits[t].float(), -1)
+            kl += float((tp.exp() * (tp - logp)).sum())
+        depths.append(r.depth)
+        flops += sum(r.flops.values())
+        full += dec.costs.full_token(dec.length)
+    n = len(depths)
+    held, held_full = dec.kv_entries()
+    return {"policy": policy.describe(), "kv_mode": kv_mode, "tokens": n, "avg_depth": sum(depths) / n,
+            "perplexity": math.exp(nll / n), "agreement": agree / n if reference_logits is not None else None,
+            "kl": kl / n if teacher_logits is not None else None, "flops_per_token": flops / n,
+            "saved_pct": 100 * (1 - flops / full), "kv_entries": held, "kv_entries_full": held_full,
+            "depth_counts": [depths.count(d) for d in range(1, model.config.num_loops + 1)]}

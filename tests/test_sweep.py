@@ -7,7 +7,7 @@ import torch
 from model import recursify
 from model.engine import AdaptiveDecoder
 from model.policies import Confidence, FixedDepth, Saturation
-from model.sweep import fixed_depth_points, replay, score_text, sweep
+from model.sweep import fixed_depth_points, forced_decode, replay, score_text, sweep
 
 
 @pytest.fixture
@@ -34,3 +34,15 @@ def test_full_depth_point_is_perfect_and_fixed_depth_saves_compute(scored):
     conf = sweep(scores, "confidence", [0.0, 1.0])
     assert conf[0].avg_depth == 1 and conf[1].avg_depth == 3
     assert conf[1].flops_per_token > points[-1].flops_per_token  # deciding by softmax costs LM heads
+
+
+def test_forced_decode_matches_the_uniform_forward_at_full_depth(scored):
+    import torch
+
+    rec, _, ids = scored
+    ref = rec(torch.tensor([ids])).logits[0]
+    point = forced_decode(rec, ids, FixedDepth(3), "sync", prefix=2, reference_logits=ref, teacher_logits=ref)
+    assert point["agreement"] == 1.0 and point["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert point["avg_depth"] == 3 and point["saved_pct"] == pytest.approx(0.0, abs=1e-6)
+    shallow = forced_decode(rec, ids, FixedDepth(1), "recursion", prefix=2, reference_logits=ref)
+    assert shallow["saved_pct"] > 0 and shallow["kv_entries"] < shallow["kv_entries_full"]
