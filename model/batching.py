@@ -53,7 +53,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from .compute import add_into
+from .compute import CostModel, add_into
 from .engine import (
     AdaptiveDecoder,
     EngineInputError,
@@ -184,14 +184,13 @@ class BlockRunner:
         self.inner = model.model
         self.cfg = model.config
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
-        self.gather_s = 0.0  # time spent assembling and splitting batches (engine overhead)
+        self.model_s = 0.0  # time inside the layer maths (projections, norms, attention): not overhead
 
     @torch.no_grad()
     def run(self, segments: list[Segment]) -> list[torch.Tensor]:
         """Returns the new hidden states, (m_i, d) per segment, in the order given."""
         if not segments:
             return []
-        t0 = time.perf_counter()
         depth = len(segments[0].layer_positions)
         assert all(len(s.layer_positions) == depth for s in segments), "segments must run equally many layers"
         order = sorted(range(len(segments)), key=lambda i: segments[i].layer_positions[0] if depth else 0)
@@ -201,15 +200,14 @@ class BlockRunner:
         device = x.device
         pos = torch.tensor([p for s in segs for p in s.token_positions], device=device)[None]  # (1, N)
         cos, sin = self.inner.rope(x[None], pos) if depth else (None, None)  # (1, N, head_dim) each
-        self.gather_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         for j in range(depth):
             x = self._layer(x, [s.layer_positions[j] for s in segs], segs, bounds, cos, sin)
-        t0 = time.perf_counter()
+        self.model_s += time.perf_counter() - t0
         outs = [x[bounds[i]:bounds[i + 1]] for i in range(len(segs))]
         result: list[torch.Tensor] = [None] * len(segs)  # type: ignore[list-item]
         for k, i in enumerate(order):
             result[i] = outs[k]
-        self.gather_s += time.perf_counter() - t0
         return result
 
     def _groups(self, positions: list[int], bounds: list[int]) -> list[tuple[int, int, int]]:
@@ -447,6 +445,7 @@ class BatchEngine:
         self.strategy = strategy
         self.scheduler = Scheduler(strategy, max_requests, max_batch_tokens, prefill_chunk, max_queue)
         self.runner = BlockRunner(model)
+        self.layer_costs = LayerCosts(CostModel.from_model(model))
         self.model_desc = describe_model(model, model_name)
         self.keep_log = keep_log  # a server turns both off: they grow with every step / request
         self.keep_results = keep_results
@@ -457,6 +456,7 @@ class BatchEngine:
         self._t0 = time.perf_counter()
         self._started = False
         self.block_calls = 0
+        self.head_s = 0.0  # time in the final norm + LM head (and halting heads)
         self.overhead_s = 0.0
         self.step_s = 0.0
 
@@ -543,17 +543,17 @@ class BatchEngine:
     def step(self) -> StepRecord | None:
         """Schedule, run one block call, postprocess. Returns the step's record (None if idle)."""
         t_start = time.perf_counter()
-        gather0 = self.runner.gather_s
+        model0 = self.runner.model_s + self.head_s
         decision, work = self.scheduler.schedule()
-        t_sched = time.perf_counter() - t_start
         if not work:
             return None
         emitted = self._run(work, decision)
-        t_post = time.perf_counter()
         for state in emitted:
             self._emit(state)
         t_end = time.perf_counter()
-        overhead = t_sched + (t_end - t_post) + (self.runner.gather_s - gather0) + self._bookkeeping_s
+        # everything but the layer maths and the head: scheduling, gathering/scattering, per-item
+        # bookkeeping (FLOP counters, traces), sampling, stop rules, detokenisation
+        overhead = (t_end - t_start) - (self.runner.model_s + self.head_s - model0)
         record = StepRecord(step=decision.step, start_s=t_start - self._t0, wall_ms=1000 * (t_end - t_start),
                             overhead_ms=1000 * overhead, batch_tokens=sum(i.tokens for i in decision.items),
                             items=decision.items, idle=decision.idle, admitted=decision.admitted,
@@ -567,7 +567,6 @@ class BatchEngine:
 
     def _run(self, work: list[tuple[RequestState, str, int]], decision: SchedulerOutput) -> list[RequestState]:
         """Everything between the decision and sampling; returns the states whose token exited."""
-        t0 = time.perf_counter()
         now = self.now()
         cfg, items = self.cfg, decision.items
         entering: list[tuple[RequestState, Segment]] = []  # embed + prelude
@@ -588,7 +587,6 @@ class BatchEngine:
                                                                                state.chunk.start + size)),
                                                       cfg.prelude_positions)))
             items.append(ScheduledItem(state.id, "prefill" if state.chunk else "decode", 0, 0))
-        self._bookkeeping_s = time.perf_counter() - t0
         if entering:
             outs = self.runner.run([seg for _, seg in entering])
             for (state, _), h in zip(entering, outs):
@@ -596,14 +594,12 @@ class BatchEngine:
                     state.chunk.hidden = h
                 else:
                     state.token.hidden = h
-                    add_into(state.token.flops, state.dec.costs.layers(cfg.prelude_positions, state.token.position + 1))
+                    add_into(state.token.flops, self.layer_costs(cfg.prelude_positions, state.token.position + 1))
         # ONE call of the shared block for every item, whatever its loop
-        t0 = time.perf_counter()
         segments = [self._loop_segment(state) for state, _, _ in work]
         for item, (state, _, _), seg in zip(items, work, segments):
             item.loop = (state.chunk.loop if state.chunk else state.token.loop) + 1
             item.tokens = seg.hidden.shape[0]
-        self._bookkeeping_s += time.perf_counter() - t0
         outs = self.runner.run(segments)
         coda: list[tuple[RequestState, Segment]] = []  # finished chunks, "sync" rows that reached the end
         deciding: list[RequestState] = []
@@ -661,15 +657,15 @@ class BatchEngine:
         tok.loop += 1
         loop = tok.loop
         tok.hidden = h[-1:]
-        add_into(tok.flops, dec.costs.layers(cfg.loop_positions(loop), tok.position + 1))
+        add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), tok.position + 1))
         if not tok.rows:
             return None
         for i, w in enumerate(tok.rows):
             w.hidden, w.depth = h[i:i + 1][None], loop
             tok.caught_up.add(w.position)
-            add_into(tok.flops, dec.costs.layers(cfg.loop_positions(loop), w.position + 1), key="catchup")
+            add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), w.position + 1), key="catchup")
             if loop == cfg.num_loops:
-                add_into(tok.flops, dec.costs.layers(cfg.coda_positions, w.position + 1), key="catchup")
+                add_into(tok.flops, self.layer_costs(cfg.coda_positions, w.position + 1), key="catchup")
         done = [w for w in tok.rows if w.depth == cfg.num_loops]
         dec.waiting = [w for w in dec.waiting if w.depth < cfg.num_loops]
         tok.rows = []
@@ -711,7 +707,9 @@ class BatchEngine:
         if headed:
             segs = [Segment(s.token.hidden, [s.token.position], cfg.coda_positions, s.dec.cache) for s in headed]
             hidden = torch.cat(self.runner.run(segs), dim=0)  # (n, d)
+            t0 = time.perf_counter()
             logits = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
+            self.head_s += time.perf_counter() - t0
             for i, state in enumerate(headed):
                 state.token.logits = logits[i]
         exited = []
@@ -720,7 +718,7 @@ class BatchEngine:
             if dec.policy.needs_logits:
                 tok.probs = torch.softmax(tok.logits.float(), -1)
                 ctx = tok.position + 1
-                probe_cost = sum(dec.costs.layers(cfg.coda_positions, ctx).values()) + dec.costs.head()
+                probe_cost = sum(self.layer_costs(cfg.coda_positions, ctx).values()) + dec.costs.head()
                 add_into(tok.flops, {"decision": probe_cost + dec.costs.softmax_signals()})
                 tok.stop, tok.reason = dec.policy.decide(self._observation(state))
             tok.loops.append(_loop_signal(tok.loop, dec.policy, self._observation(state), tok.probs,
@@ -745,8 +743,8 @@ class BatchEngine:
         cfg, tok, dec = self.cfg, state.token, state.dec
         ctx = tok.position + 1
         if dec.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
-            tok.flops["decision"] -= sum(dec.costs.layers(cfg.coda_positions, ctx).values()) + dec.costs.head()
-        add_into(tok.flops, dec.costs.layers(cfg.coda_positions, ctx))
+            tok.flops["decision"] -= sum(self.layer_costs(cfg.coda_positions, ctx).values()) + dec.costs.head()
+        add_into(tok.flops, self.layer_costs(cfg.coda_positions, ctx))
         add_into(tok.flops, {"head": dec.costs.head()})
         cos, sin = self.model.model.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
         dec._store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
@@ -802,7 +800,23 @@ class BatchEngine:
         if state.request.on_event:
             state.request.on_event(RequestEvent(state.id, finished=True, finish_reason=reason))
 
-    _bookkeeping_s = 0.0
+
+
+class LayerCosts:
+    """``CostModel.layers(positions, context)`` without recomputing it per token: every component
+    is affine in the context length (only ``attn_context`` grows), so two evaluations give all."""
+
+    def __init__(self, costs: CostModel):
+        self.costs = costs
+        self._cache: dict[tuple, tuple[dict, dict]] = {}
+
+    def __call__(self, positions, context: int) -> dict[str, float]:
+        key = tuple(positions)
+        if key not in self._cache:
+            a, b = self.costs.layers(positions, 0), self.costs.layers(positions, 1)
+            self._cache[key] = (a, {k: b[k] - a[k] for k in a})
+        a, slope = self._cache[key]
+        return {k: a[k] + slope[k] * context for k in a}
 
 
 def _top_tokens(tokenizer, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
