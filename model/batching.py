@@ -550,6 +550,8 @@ class BatchEngine:
         emitted = self._run(work, decision)
         for state in emitted:
             self._emit(state)
+        if self.device.type == "cuda":  # kernels run asynchronously: make the step's wall time true
+            torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
         # everything but the layer maths and the head: scheduling, gathering/scattering, per-item
         # bookkeeping (FLOP counters, traces), sampling, stop rules, detokenisation
