@@ -43,7 +43,12 @@ from model.policies import POLICIES, make_policy  # noqa: E402
 from model.serve import load_served_model  # noqa: E402
 
 log = logging.getLogger("serving")
-START, END = "<!-- serving:table:start -->", "<!-- serving:table:end -->"
+SECTION_END = "<!-- serving:end -->"
+
+
+def markers(tag: str | None) -> tuple[str, str]:
+    name = "serving:table" + (f":{tag}" if tag else "")
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 BUILTIN_PROMPTS = (
     "Hi! How are you doing today?", "What's your favourite movie and why?", "Can you recommend a good book?",
     "I just got a puppy. Any tips?", "What should I cook for dinner tonight?", "Tell me a fun fact about space.",
@@ -97,9 +102,9 @@ def fmt(v, spec=".1f") -> str:
 
 def table(runs: dict, max_requests: int) -> str:
     rows = ["| strategy | tokens/s | req/s | TTFT p50 / p95 ms | TPOT p50 / p95 ms | avg depth | block calls | "
-            "items/call (occupancy) | × static | × CSB | agreement w/ full depth | overhead |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    csb = runs.get("csb")
+            "items/call (occupancy) | × static | × CSB | × static in block calls | agreement w/ full depth | overhead |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    csb, static = runs.get("csb"), runs.get("static")
     for name, run in runs.items():
         m = run.metrics
         x_csb = m["tokens_per_s"] / csb.metrics["tokens_per_s"] if csb and csb.metrics["tokens_per_s"] else None
@@ -108,6 +113,7 @@ def table(runs: dict, max_requests: int) -> str:
             f"{fmt(m['ttft_p95_ms'], '.0f')} | {fmt(m['tpot_p50_ms'], '.0f')} / {fmt(m['tpot_p95_ms'], '.0f')} | "
             f"{m['avg_depth']:.2f} | {m['block_calls']} | {m['mean_items_per_call']:.1f} ({100 * m['occupancy']:.0f} %) | "
             f"×{fmt(m.get('speedup_vs_static'), '.2f')} | ×{fmt(x_csb, '.2f')} | "
+            f"×{fmt(static.metrics['block_calls'] / m['block_calls'] if static and m['block_calls'] else None, '.2f')} | "
             f"{fmt(100 * m['agreement_with_full_depth'] if m.get('agreement_with_full_depth') is not None else None, '.1f')} % | "
             f"{100 * m['overhead_share']:.1f} % |")
     return "\n".join(rows)
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     # output
     p.add_argument("--json", type=Path, default=None, help="write all metrics + schedules here")
     p.add_argument("--write-results", type=Path, default=None, help="replace the generated table block in this file")
+    p.add_argument("--results-tag", default=None, help="name of the table block (several runs side by side)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads or not (args.device or "cpu").startswith("cuda"):
@@ -191,11 +198,14 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"header": header, "runs": dump}, indent=1))
     if args.write_results:
         path = args.write_results
+        start, end = markers(args.results_tag)
         doc = path.read_text()
-        if START in doc:
-            doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{block}\n{END}", doc, flags=re.S)
+        if start in doc:
+            doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}\n{end}", doc, flags=re.S)
+        elif SECTION_END in doc:
+            doc = doc.replace(SECTION_END, f"{start}\n{block}\n{end}\n{SECTION_END}")
         else:
-            doc = doc.rstrip("\n") + f"\n\n{START}\n{block}\n{END}\n"
+            doc = doc.rstrip("\n") + f"\n\n{start}\n{block}\n{end}\n"
         path.write_text(doc)
         log.info("wrote %s", path)
 

@@ -680,8 +680,8 @@ class BatchEngine:
 
     def _finish_chunk(self, state: RequestState) -> None:
         c = state.chunk
-        costs = state.dec.costs
-        state.trace.prefill["flops"] += sum(costs.full_token(c.start + i + 1) - costs.head() for i in range(len(c.ids)))
+        state.trace.prefill["flops"] += sum(self._full_token(c.start + i + 1) - state.dec.costs.head()
+                                            for i in range(len(c.ids)))
         state.dec.length += len(c.ids)
         state.chunk = None
         if not state.prefilling:
@@ -732,6 +732,10 @@ class BatchEngine:
                     dec.cache.layers[p].crop(-1)
         return exited
 
+    def _full_token(self, context: int) -> float:
+        """``CostModel.full_token`` (all positions + head), from the cached affine layer costs."""
+        return sum(self.layer_costs(range(self.cfg.num_hidden_layers), context).values()) + self.layer_costs.costs.head()
+
     @staticmethod
     def _observation(state: RequestState) -> Observation:
         tok = state.token
@@ -771,7 +775,7 @@ class BatchEngine:
         step = TokenStep(index=len(state.generated) - 1, position=dec.length - 1, token_id=token, text=piece,
                          depth=tok.loop, max_depth=dec.max_loops, exit_reason=tok.reason,
                          signal_name=dec.policy.signal_name, threshold=dec.policy.threshold, loops=tok.loops,
-                         flops=tok.flops, flops_full=dec.costs.full_token(dec.length), kv_entries=kv,
+                         flops=tok.flops, flops_full=self._full_token(dec.length), kv_entries=kv,
                          kv_entries_full=kv_full, caught_up=len(tok.caught_up),
                          wall_ms=1000 * (now - tok.started_s))
         state.trace.steps.append(step)
