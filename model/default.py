@@ -109,3 +109,94 @@ def dequantize_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         scale = stored.get(key + _SCALE_SUFFIX)
         state[key] = value.float() * scale[:, None] if scale is not None else value.float()
     return state
+
+
+# --- export ------------------------------------------------------------------------------------------
+RECOMPUTED_PREFIXES = ("model.shared_layers.", "model.embed_tokens.", "lm_head.")
+
+
+@torch.no_grad()
+def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = True, check_rows: int = 2) -> dict:
+    """Write ``artifact`` from a trained checkpoint whose shared block was frozen (``--train lora``).
+
+    Stores every tensor except the shared block, embeddings and head (recomputed from the base);
+    LoRA factors as int8 with per-row scales when ``int8``. Verifies that the frozen parts really
+    equal a fresh conversion, then records the rebuilt model's perplexity on the first
+    ``check_rows`` validation rows (``config.training["artifact"]``) for the load test.
+    """
+    from .checkpoint import load_model
+    from .recursify import recursify
+    from .train import run_model_folder
+
+    trained, _ = load_model(run_model_folder(source))
+    cfg = trained.config
+    conversion = {"base": cfg.base_model, "loops": cfg.num_loops, "sharing": cfg.sharing,
+                  "init": cfg.init_method, "block_size": cfg.block_size}
+    base, _ = load_model(conversion["base"])
+    plain = recursify(base, num_loops=cfg.num_loops, sharing=cfg.sharing, init=cfg.init_method, lora_rank=0,
+                      block_size=cfg.block_size, base_name=cfg.base_model).state_dict()
+    state = trained.state_dict()
+    for key, value in state.items():
+        if key.startswith(RECOMPUTED_PREFIXES) and not torch.equal(value, plain[key]):
+            raise ValueError(f"{key} differs from a fresh conversion: train with --train lora to export")
+    kept = {k: v for k, v in state.items() if not k.startswith(RECOMPUTED_PREFIXES)}
+    stored = quantize_state(kept, {k for k in kept if "lora_" in k} if int8 else set())
+    artifact.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(stored, str(artifact / "weights.safetensors"))
+    (artifact / "conversion.json").write_text(json.dumps(conversion, indent=1) + "\n")
+    training = dict(cfg.training or {})
+    config_dict = cfg.to_dict()
+    config_dict["training"] = training
+    (artifact / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
+    rebuilt, _ = rebuild(artifact)
+    check = {"rows": check_rows, "split": "val",
+             "ppl_rebuilt": validation_ppl(rebuilt, check_rows), "ppl_fp32": validation_ppl(trained, check_rows),
+             "int8": int8, "bytes": (artifact / "weights.safetensors").stat().st_size}
+    training["artifact"] = check
+    config_dict["training"] = training
+    (artifact / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
+    log.info("artifact %s: %s", artifact, check)
+    return check
+
+
+@torch.no_grad()
+def validation_ppl(model, rows: int = 2, seq_len: int = 512) -> float:
+    """Perplexity (full depth) on the first ``rows`` rows of the ``val`` split."""
+    import math
+
+    from torch.nn import functional as F
+
+    from .data import load_split
+
+    ids = load_split("val", seq_len)[:rows]
+    nll, count = 0.0, 0
+    for batch in ids.split(1):
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m model.default", description="export / build the trained default")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    exp = sub.add_parser("export", help="write assets/default from a trained run (shared block frozen)")
+    exp.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
+    exp.add_argument("--out", type=Path, default=ARTIFACT_DIR)
+    exp.add_argument("--fp32", action="store_true", help="store LoRA factors in fp32 instead of int8")
+    sub.add_parser("build", help="rebuild the default into the cache and print its folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "export":
+        print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32), indent=1))
+    else:
+        print(default_folder())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -200,7 +200,7 @@ def write_report(path: Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
     models = parser.add_argument_group("models")
-    models.add_argument("--model", required=True, help="model spec (see module docstring)")
+    models.add_argument("--model", help="model spec (see module docstring)")
     models.add_argument("--compare", nargs="*", default=[], help="more model specs evaluated on the same tokens")
     models.add_argument("--teacher", default="smollm2-135m", help="reference model for KL and agreement")
     data = parser.add_argument_group("data")
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--report", type=Path, default=None, help="markdown file whose training-eval block is replaced")
     out.add_argument("--json", type=Path, default=None, help="write the raw results here")
     out.add_argument("--threads", type=int, default=2)
+    out.add_argument("--from-json", type=Path, default=None, help="re-render a saved --json result (no model runs)")
     return parser
 
 
@@ -252,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run(args, argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    elif args.model:
+        results = run(args, argv)
+    else:
+        build_parser().error("give --model (and --compare ...) or --from-json")
     text = markdown(results)
     print(text)
     if args.json:

@@ -16,7 +16,8 @@ boundary (BCE toward ``1[argmax at loop r == argmax at the final loop]``).
 A run folder holds ``checkpoint/`` (a loadable model folder plus ``trainer_state.pt``: optimizer,
 scheduler, RNG, step, tokens seen and data position; replaced atomically), ``log.txt`` and
 ``metrics.jsonl``. Rerunning the same command resumes from ``checkpoint/``; a killed run loses at
-most one ``--save-every`` interval. ``accelerate launch -m model.train ...`` runs the same code on
+most one ``--save-every`` interval. ``--tokens`` may be changed on resume (the cosine schedule is
+re-shaped to the new total; the step, data position and optimizer state carry over). ``accelerate launch -m model.train ...`` runs the same code on
 several devices (each process takes its slice of every global batch).
 """
 from __future__ import annotations
@@ -282,7 +283,12 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     rows_per_step = args.batch_size * args.grad_accum * world
     total_steps = max(1, math.ceil(args.tokens / (rows_per_step * args.seq_len)))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("halting_heads")]
+    head_ids = {id(p) for p in heads}
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
+    if heads:  # fresh heads on a tiny budget: a larger step size than the pretrained weights
+        groups.append({"params": heads, "lr": getattr(args, "halting_lr", args.lr)})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     warmup = max(1, min(args.warmup, total_steps // 10 or 1))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
     progress = Progress()
@@ -387,9 +393,12 @@ def _provenance(previous: dict | None, args, command: str, progress: Progress, f
         "val": progress.history[-1] if progress.history else None,
         "val_rows": args.val_rows,
     }
-    if stages and stages[-1].get("stage") == args.stage and stages[-1].get("command") == command:
+    if stages and stages[-1].get("stage") == args.stage and not stages[-1].get("complete"):
+        # a resumed (possibly re-budgeted) run of the same stage: one record, every invocation kept
+        record["commands"] = list(dict.fromkeys(stages[-1].get("commands", [stages[-1]["command"]]) + [command]))
         stages[-1] = record
     else:
+        record["commands"] = [command]
         stages.append(record)
     return {"stages": stages, "tokens_seen": sum(s["tokens_seen"] for s in stages)}
 
@@ -436,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KL(final.detach() || loop r) relative to the intermediate CE")
     recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
     recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
+    recipe.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the (fresh) halting heads")
     for p in (up, ex):
         opt = p.add_argument_group("optimisation")
         opt.add_argument("--tokens", type=parse_tokens, default=parse_tokens("1M"), help="training tokens (k/M ok)")

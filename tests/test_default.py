@@ -1,0 +1,44 @@
+"""The trained default: int8 round trip, a clear error without an artifact, and (when committed)
+that it rebuilds offline and reproduces its recorded validation perplexity."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model import default as D
+from model.checkpoint import ModelLoadError
+
+
+def test_int8_round_trip_is_close():
+    g = torch.Generator().manual_seed(0)
+    state = {"a.lora_A": torch.randn(8, 32, generator=g), "norm.weight": torch.rand(32, generator=g)}
+    back = D.dequantize_state(D.quantize_state(state, {"a.lora_A"}))
+    assert torch.equal(back["norm.weight"], state["norm.weight"])
+    err = (back["a.lora_A"] - state["a.lora_A"]).abs().max() / state["a.lora_A"].abs().amax(1).min()
+    assert err < 1 / 127
+
+
+def test_missing_artifact_raises_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no trained default artifact"):
+        D.default_folder(tmp_path)
+
+
+@pytest.mark.skipif(not (D.ARTIFACT_DIR / "weights.safetensors").exists(), reason="no default artifact committed")
+def test_default_artifact_reproduces_recorded_validation_ppl():
+    from model.checkpoint import load_model
+    from model.data import DataError
+
+    config = json.loads((D.ARTIFACT_DIR / "config.json").read_text())
+    check = config["training"]["artifact"]
+    assert check["bytes"] <= 50 * 2**20
+    model, tokenizer = load_model("default")
+    assert model.config.model_type == "recursive_llama" and tokenizer is not None
+    counts = model.parameter_counts()
+    assert counts["unique_non_embedding"] < counts["effective_non_embedding"]  # shares weights for real
+    try:
+        ppl = D.validation_ppl(model, check["rows"])
+    except DataError:
+        pytest.skip("no token cache (python -m model.data prepare)")
+    assert ppl == pytest.approx(check["ppl_rebuilt"], rel=1e-3)
