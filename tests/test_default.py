@@ -16,8 +16,8 @@ def test_int8_round_trip_is_close():
     state = {"a.lora_A": torch.randn(8, 32, generator=g), "norm.weight": torch.rand(32, generator=g)}
     back = D.dequantize_state(D.quantize_state(state, {"a.lora_A"}))
     assert torch.equal(back["norm.weight"], state["norm.weight"])
-    err = (back["a.lora_A"] - state["a.lora_A"]).abs().max() / state["a.lora_A"].abs().amax(1).min()
-    assert err < 1 / 127
+    err = (back["a.lora_A"] - state["a.lora_A"]).abs().amax(1)  # per row: at most half a step
+    assert (err <= state["a.lora_A"].abs().amax(1) / 254 + 1e-6).all()
 
 
 def test_missing_artifact_raises_model_load_error(tmp_path):
