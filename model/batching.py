@@ -65,7 +65,8 @@ from .engine import (
     as_recursive,
     describe_model,
 )
-from .modeling import RecursiveForCausalLM, causal_mask
+from .config import PROJECTIONS
+from .modeling import RecursiveForCausalLM, causal_mask, projection_owner
 from .policies import DepthPolicy, FixedDepth, Observation
 from .trace import GenerationTrace, TokenStep
 
@@ -184,7 +185,22 @@ class BlockRunner:
         self.inner = model.model
         self.cfg = model.config
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
+        self.params = [self._position_params(layer) for layer in self.inner.layers]  # looked up once, not per call
+        self.eps = self.inner.layers[0].input_layernorm.variance_epsilon
+        self.act = self.inner.layers[0].mlp.act_fn
         self.model_s = 0.0  # time inside the layer maths (projections, norms, attention): not overhead
+
+    @staticmethod
+    def _position_params(layer) -> dict:
+        """One position's weights (Parameters held by reference, so ``model.to`` still applies)."""
+        projections = {n: getattr(projection_owner(layer, n), n) for n in PROJECTIONS}
+        return {
+            "input_norm": layer.input_layernorm.weight,
+            "post_norm": layer.post_attention_layernorm.weight,
+            "attn": layer.self_attn,
+            "shared": {n: m.shared for n, m in projections.items()},
+            "lora": {n: (m.lora_A, m.lora_B) if m.rank > 0 else None for n, m in projections.items()},
+        }
 
     @torch.no_grad()
     def run(self, segments: list[Segment]) -> list[torch.Tensor]:
@@ -222,52 +238,50 @@ class BlockRunner:
 
     def _norm(self, x: torch.Tensor, groups, which: str) -> torch.Tensor:
         """LlamaRMSNorm with each group's own weight: ``w_p * (x / rms(x))`` (x: (N, d))."""
-        first = getattr(self.inner.layers[groups[0][0]], which)
         xf = x.to(torch.float32)
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + first.variance_epsilon)).to(x.dtype)
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         if len(groups) == 1:
-            return first.weight * normed
+            return self.params[groups[0][0]][which] * normed
         out = torch.empty_like(normed)
         for p, a, b in groups:
-            out[a:b] = getattr(self.inner.layers[p], which).weight * normed[a:b]
+            out[a:b] = self.params[p][which] * normed[a:b]
         return out
 
-    def _project(self, x: torch.Tensor, groups, owner: str, name: str) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, groups, name: str) -> torch.Tensor:
         """Shared linear over all N tokens once, plus each group's LoRA: (N, d_in) -> (N, d_out)."""
-        first = getattr(getattr(self.inner.layers[groups[0][0]], owner), name)
-        shared = first.shared
+        shared = self.params[groups[0][0]]["shared"][name]
         y = F.linear(x, shared.weight, shared.bias)
         for p, a, b in groups:
-            lora = getattr(getattr(self.inner.layers[p], owner), name)
-            assert lora.shared is shared, f"position {p} does not share {name} with position {groups[0][0]}"
-            if lora.rank > 0:
-                y[a:b] = y[a:b] + F.linear(F.linear(x[a:b], lora.lora_A), lora.lora_B)
+            params = self.params[p]
+            assert params["shared"][name] is shared, f"position {p} does not share {name} with {groups[0][0]}"
+            lora = params["lora"][name]
+            if lora is not None:
+                y[a:b] = y[a:b] + F.linear(F.linear(x[a:b], lora[0]), lora[1])
         return y
 
     def _layer(self, x, positions, segs, bounds, cos, sin) -> torch.Tensor:
         groups = self._groups(positions, bounds)
         n, e = x.shape[0], self.cfg.head_dim
         residual = x
-        h = self._norm(x, groups, "input_layernorm")
-        q = self._project(h, groups, "self_attn", "q_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
-        k = self._project(h, groups, "self_attn", "k_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
-        v = self._project(h, groups, "self_attn", "v_proj").view(n, -1, e).transpose(0, 1)[None]
+        h = self._norm(x, groups, "input_norm")
+        q = self._project(h, groups, "q_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
+        k = self._project(h, groups, "k_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
+        v = self._project(h, groups, "v_proj").view(n, -1, e).transpose(0, 1)[None]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         outs = []
         for i, seg in enumerate(segs):
             a, b = bounds[i], bounds[i + 1]
-            attn = self.inner.layers[positions[i]].self_attn
+            attn = self.params[positions[i]]["attn"]
             keys, values = seg.cache.update(k[:, :, a:b], v[:, :, a:b], positions[i])
             mask = None if b - a == 1 else causal_mask(b - a, keys.shape[2], x.dtype, x.device)
             out, _ = self.attention(attn, q[:, :, a:b], keys, values, mask, dropout=0.0, scaling=attn.scaling)
             outs.append(out.reshape(b - a, -1))  # (m, H*e)
-        h = self._project(torch.cat(outs, dim=0), groups, "self_attn", "o_proj")
+        h = self._project(torch.cat(outs, dim=0), groups, "o_proj")
         x = residual + h
         residual = x
-        h = self._norm(x, groups, "post_attention_layernorm")
-        act = self.inner.layers[groups[0][0]].mlp.act_fn
-        h = act(self._project(h, groups, "mlp", "gate_proj")) * self._project(h, groups, "mlp", "up_proj")
-        return residual + self._project(h, groups, "mlp", "down_proj")
+        h = self._norm(x, groups, "post_norm")
+        h = self.act(self._project(h, groups, "gate_proj")) * self._project(h, groups, "up_proj")
+        return residual + self._project(h, groups, "down_proj")
 
 
 # --- per-request state ------------------------------------------------------------------------------
