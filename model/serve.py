@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -395,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", type=int, default=None, help="convert a plain Llama model to this many loops")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: half the cores; on a busy 2-core machine 2 threads "
+                             "made loading and decoding several times slower than 1)")
     # engine
     parser.add_argument("--strategy", default="cdb", choices=STRATEGIES)
     parser.add_argument("--max-requests", type=int, default=16, help="requests in one batch")
@@ -412,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
 
     import uvicorn
 
