@@ -92,7 +92,9 @@ def set_trainable(model: torch.nn.Module, which: str) -> list[str]:
     (the shared block, embeddings and head frozen). Returns the trainable names."""
     names = []
     for name, param in model.named_parameters():
-        train = which == "all" or "lora_" in name or "norm" in name or "halting_heads" in name
+        router = name.startswith(("routers.", "token_router."))
+        train = which == "all" or router or (which == "lora" and ("lora_" in name or "norm" in name
+                                                                  or "halting_heads" in name))
         param.requires_grad_(train)
         if train:
             names.append(name)
@@ -273,6 +275,10 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
                  saved["progress"]["tokens_seen"])
     elif args.stage == "uptrain":
         model = build_uptrain_model(args, teacher)
+    elif args.stage == "routers":
+        from .train_routers import build_router_model
+
+        model = build_router_model(load_model(run_model_folder(args.from_))[0], args)
     else:
         model = add_halting_heads(load_model(run_model_folder(args.from_))[0], args.halting_hidden)
     model.train()
@@ -283,7 +289,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     rows_per_step = args.batch_size * args.grad_accum * world
     total_steps = max(1, math.ceil(args.tokens / (rows_per_step * args.seq_len)))
     params = [p for p in model.parameters() if p.requires_grad]
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("halting_heads")]
+    heads = [p for n, p in model.named_parameters()
+             if p.requires_grad and n.startswith(("halting_heads", "routers.", "token_router."))]
     head_ids = {id(p) for p in heads}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
     if heads:  # fresh heads on a tiny budget: a larger step size than the pretrained weights
@@ -303,7 +310,13 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     device = accelerator.device
     teacher.to(device).eval()
     val_batches = list(load_split("val", args.seq_len)[: args.val_rows].split(args.batch_size))
-    loss_fn = uptrain_loss if args.stage == "uptrain" else exits_loss
+    if args.stage == "routers":
+        from .train_routers import routers_loss
+
+        def loss_fn(model, teacher_logits, ids, args):
+            return routers_loss(model, teacher_logits, ids, args, kd_loss, progress.step)
+    else:
+        loss_fn = uptrain_loss if args.stage == "uptrain" else exits_loss
     unwrapped = accelerator.unwrap_model(model)
 
     def checkpoint(final: bool = False) -> None:
@@ -446,7 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
     recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
     recipe.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the (fresh) halting heads")
-    for p in (up, ex):
+    ro = sub.add_parser("routers", help="Mixture-of-Recursions routers on a trained run (model/train_routers.py)")
+    from .train_routers import add_router_arguments
+
+    add_router_arguments(ro)
+    ro.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the fresh routers")
+    for p in (up, ex, ro):
         opt = p.add_argument_group("optimisation")
         opt.add_argument("--tokens", type=parse_tokens, default=parse_tokens("1M"), help="training tokens (k/M ok)")
         opt.add_argument("--seq-len", type=int, default=512)
@@ -456,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         opt.add_argument("--warmup", type=int, default=20, help="warm-up steps (at most 10%% of the run)")
         opt.add_argument("--weight-decay", type=float, default=0.0)
         opt.add_argument("--max-grad-norm", type=float, default=1.0)
-        opt.add_argument("--train", default="lora", choices=["all", "lora"],
-                         help="all parameters, or LoRA + norms (+ halting heads) with the shared block frozen")
+        opt.add_argument("--train", default="lora", choices=["all", "lora", "routers"],
+                         help="all parameters; LoRA + norms (+ halting heads, routers) with the shared block frozen; "
+                              "or the routers alone")
         opt.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
         opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
         opt.add_argument("--seed", type=int, default=0, help="data order and init seed")

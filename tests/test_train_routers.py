@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from model import recursify
 from model.train_routers import build_router_model, parse_capacity, routers_loss
 from tests.conftest import tiny_llama
+from tests.test_train import tiny_run, uptrain_args  # noqa: F401  (the tiny-run fixture: synthetic data splits)
 
 
 def kd(student, teacher, temperature=1.0, kind="forward_kl"):
@@ -47,3 +48,26 @@ def test_capacity_flag_is_validated():
     for bad in ("1,x", "0.5,1", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_capacity(bad)
+
+
+def test_routers_command_trains_from_a_run(tiny_run):
+    """``python -m model.train routers`` end to end on a tiny run (synthetic data, as in test_train)."""
+    import json
+
+    from model import train as T
+    from model.checkpoint import load_model
+
+    tmp, base = tiny_run
+    T.train(uptrain_args(base, tmp / "rrt", steps=2))
+    argv = ["routers", "--from", str(tmp / "rrt"), "--base", str(base), "--routing", "expert", "--capacity", "1,0.5",
+            "--tokens", str(4 * 2 * 2 * 16), "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2",
+            "--eval-every", "0", "--save-every", "2", "--val-rows", "2", "--train", "routers", "--out", str(tmp / "mor")]
+    args = T.build_parser().parse_args(argv)
+    args.argv = argv
+    T.train(args)
+    records = [json.loads(l) for l in (tmp / "mor" / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert len(records) == 4 and all("router_aux" in r and "sampling_accuracy" in r for r in records)
+    mor = load_model(tmp / "mor" / "checkpoint")[0]
+    assert mor.config.router_type == "expert" and mor.config.router_capacity == [1.0, 0.5]
+    rrt = load_model(tmp / "rrt" / "checkpoint")[0]  # --train routers leaves the relaxed model as it was
+    torch.testing.assert_close(mor.model.layers[1].self_attn.q_proj.lora_A, rrt.model.layers[1].self_attn.q_proj.lora_A)
