@@ -51,13 +51,12 @@ def load_model(
     name = str(name_or_path)
     if name == EMBEDDED_NAME:
         folder = embedded_base_folder()
-    elif name == "default":
-        try:
-            from .default import default_folder  # the trained default (built from assets/ on first use)
-        except ImportError as exc:
-            raise ModelLoadError("no trained default in this version: train one (python -m model.train) "
-                                 "or load 'smollm2-135m'") from exc
-        folder = default_folder()
+    elif name in ("default", "default-mor"):
+        # the trained default (and its Mixture-of-Recursions variant), built from assets/ on first use
+        from .default import default_folder
+        from .paths import ASSETS_DIR
+
+        folder = default_folder(ASSETS_DIR / name)
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
     elif _looks_like_hub_id(name):

@@ -28,12 +28,22 @@ _SCALE_SUFFIX = ".int8_scale"
 
 
 def artifact_hash(folder: Path = ARTIFACT_DIR) -> str:
-    """Short sha256 over the artifact files (names the cache folder, so a new artifact rebuilds)."""
+    """Short sha256 over the artifact files (names the cache folder, so a new artifact rebuilds);
+    an overlay artifact's hash covers the artifact it extends too."""
     digest = hashlib.sha256()
     for name in ARTIFACT_FILES:
         digest.update(name.encode())
         digest.update((folder / name).read_bytes())
+    base = _overlay_base(folder)
+    if base is not None:
+        digest.update(artifact_hash(base).encode())
     return digest.hexdigest()[:16]
+
+
+def _overlay_base(folder: Path) -> Path | None:
+    """The artifact an overlay extends (``conversion.json: "overlay_of": "<sibling folder>"``), if any."""
+    conversion = json.loads((folder / "conversion.json").read_text())
+    return folder.parent / conversion["overlay_of"] if conversion.get("overlay_of") else None
 
 
 def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
@@ -74,6 +84,9 @@ def rebuild(artifact: Path = ARTIFACT_DIR):
                       base_name=conversion["base"])
     model = RecursiveForCausalLM(config).to(torch.float32)
     state = dequantize_state(load_file(str(artifact / "weights.safetensors")))
+    base_artifact = _overlay_base(artifact)
+    if base_artifact is not None:  # e.g. default-mor = the default's tensors + its routers
+        state = {**dequantize_state(load_file(str(base_artifact / "weights.safetensors"))), **state}
     recomputed = {k: v for k, v in plain.state_dict().items() if k not in state}
     merged = {**recomputed, **state}
     result = model.load_state_dict(merged, strict=False)
@@ -162,6 +175,28 @@ def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = Tr
 
 
 @torch.no_grad()
+def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dict:
+    """Write ``target`` as an overlay on the artifact ``base``: only the tensors of the trained run at
+    ``source`` that differ from ``base``'s rebuilt model (e.g. the routers of ``default-mor``)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import load_model
+    from .train import run_model_folder
+
+    trained, _ = load_model(run_model_folder(source))
+    reference, _ = rebuild(base)
+    ref_state = reference.state_dict()
+    changed = {k: v for k, v in trained.state_dict().items() if k not in ref_state or not torch.equal(v, ref_state[k])}
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(quantize_state(changed, set()), str(target / "weights.safetensors"))
+    conversion = json.loads((base / "conversion.json").read_text())
+    (target / "conversion.json").write_text(json.dumps({**conversion, "overlay_of": base.name}, indent=1) + "\n")
+    (target / "config.json").write_text(json.dumps(trained.config.to_dict(), indent=1) + "\n")
+    log.info("overlay %s on %s: %d tensors (%s)", target, base, len(changed), sorted(changed)[:6])
+    return {"tensors": sorted(changed), "bytes": (target / "weights.safetensors").stat().st_size}
+
+
+@torch.no_grad()
 def validation_ppl(model, rows: int = 2, seq_len: int = 512) -> float:
     """Perplexity (full depth) on the first ``rows`` rows of the ``val`` split."""
     import math
@@ -188,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
     exp.add_argument("--out", type=Path, default=ARTIFACT_DIR)
     exp.add_argument("--fp32", action="store_true", help="store LoRA factors in fp32 instead of int8")
+    ovl = sub.add_parser("export-overlay", help="write an artifact holding only what a run adds to the default "
+                                                  "(e.g. assets/default-mor: the routers)")
+    ovl.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
+    ovl.add_argument("--out", type=Path, required=True)
     sub.add_parser("build", help="rebuild the default into the cache and print its folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "export":
         print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32), indent=1))
+    elif args.cmd == "export-overlay":
+        print(json.dumps(export_overlay(args.source, args.out), indent=1))
     else:
         print(default_folder())
     return 0

@@ -71,3 +71,29 @@ def test_routers_command_trains_from_a_run(tiny_run):
     assert mor.config.router_type == "expert" and mor.config.router_capacity == [1.0, 0.5]
     rrt = load_model(tmp / "rrt" / "checkpoint")[0]  # --train routers leaves the relaxed model as it was
     torch.testing.assert_close(mor.model.layers[1].self_attn.q_proj.lora_A, rrt.model.layers[1].self_attn.q_proj.lora_A)
+
+
+def test_router_overlay_artifact_rebuilds_the_routed_model(tiny_run, monkeypatch):
+    """default-mor is stored as an overlay on the default artifact: just the routers."""
+    from model import default as D
+    from model import train as T
+    from model.checkpoint import load_model
+    from model.paths import cache_dir
+
+    tmp, base = tiny_run
+    monkeypatch.setenv("LAB_CACHE_DIR", str(tmp / "cache"))
+    T.train(uptrain_args(base, tmp / "rrt", steps=2))
+    argv = ["routers", "--from", str(tmp / "rrt"), "--base", str(base), "--routing", "token", "--tokens", "128",
+            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2", "--eval-every", "0", "--val-rows", "2",
+            "--train", "routers", "--out", str(tmp / "mor")]
+    args = T.build_parser().parse_args(argv)
+    args.argv = argv
+    T.train(args)
+    D.export_artifact(tmp / "rrt", tmp / "assets" / "default", int8=False)
+    info = D.export_overlay(tmp / "mor", tmp / "assets" / "default-mor", base=tmp / "assets" / "default")
+    assert info["tensors"] and all(k.startswith("token_router.") for k in info["tensors"])
+    rebuilt = load_model(D.default_folder(tmp / "assets" / "default-mor"))[0]
+    trained = load_model(tmp / "mor" / "checkpoint")[0]
+    ids = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(rebuilt(ids).logits, trained(ids).logits, atol=1e-5, rtol=1e-5)
+    assert rebuilt.config.router_type == "token" and str(cache_dir()).startswith(str(tmp))
