@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from model import generate, recursify
@@ -19,6 +20,16 @@ from model.serve import ServerLimits, StopTrimmer, create_app
 from tests.conftest import tiny_llama
 
 openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread for these tests (tiny matmuls; on the busy shared 2-core machine two threads
+    made them several times slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _free_port() -> int:
