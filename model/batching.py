@@ -1065,3 +1065,23 @@ def compare_strategies(model, items: list[WorkloadItem], strategies: Sequence[st
                 total += n
             m["agreement_with_full_depth"] = same / total if total else None
     return runs
+
+
+def gantt_cells(schedule: Sequence[StepRecord] | Sequence[dict]) -> list[dict]:
+    """The schedule log as flat Gantt cells, one per (request, step) where the request was in flight.
+
+    Each cell: ``request_id``, ``step``, ``start_s``, ``end_s``, ``state`` ("decode" | "prefill" |
+    "idle"), ``loop`` (None when idle), ``tokens``, ``head`` (the token exited in this step). Rows are
+    requests, x is ``step`` (or time), colour is ``loop``; idle cells show the synchronisation waits.
+    """
+    cells = []
+    for rec in schedule:
+        rec = asdict(rec) if isinstance(rec, StepRecord) else rec
+        start, end = rec["start_s"], rec["start_s"] + rec["wall_ms"] / 1000
+        for item in rec["items"]:
+            cells.append({"request_id": item["request_id"], "step": rec["step"], "start_s": start, "end_s": end,
+                          "state": item["kind"], "loop": item["loop"], "tokens": item["tokens"], "head": item["head"]})
+        for rid in rec["idle"]:
+            cells.append({"request_id": rid, "step": rec["step"], "start_s": start, "end_s": end, "state": "idle",
+                          "loop": None, "tokens": 0, "head": False})
+    return cells

@@ -17,6 +17,7 @@ from model.batching import (
     Request,
     WorkloadItem,
     compare_strategies,
+    gantt_cells,
 )
 from model.engine import Sampling, encode_prompt
 from model.policies import FixedDepth
@@ -164,6 +165,8 @@ def test_schedule_log_is_plain_json_for_a_gantt_chart(models, smol_tokenizer):
         assert all(1 <= i["loop"] <= 3 and i["kind"] in ("decode", "prefill") and i["tokens"] >= 1
                    for i in row["items"])
         assert row["batch_tokens"] == sum(i["tokens"] for i in row["items"]) and row["wall_ms"] > 0
+    cells = gantt_cells(engine.log)
+    assert len(cells) == sum(len(r["items"]) + len(r["idle"]) for r in log) and gantt_cells(log) == cells
     heads = sum(i["head"] for row in log for i in row["items"])
     assert heads == sum(len(r.trace.steps) + (r.finish_reason == "eos") for r in engine.results.values())
 
