@@ -35,8 +35,8 @@ Each request keeps its own ``AdaptiveDecoder`` (engine.py) for the per-sequence 
 waiting tokens of "sync" and the prefix invariant. The engine re-creates ``AdaptiveDecoder.step``
 item by item, so under greedy decoding a request's tokens equal its solo run through
 ``model.engine.generate``. MoR's KV modes ("recursion", "share") would be further values of the
-request's ``kv_mode`` handled in ``_loop_segment``/``_finish_token`` (what a loop writes, what
-it reads); the scheduler does not care.
+request's ``kv_mode`` handled in ``_loop_segment``/``_after_loop``/``_emit`` (what a loop writes,
+what it reads); the scheduler does not care.
 """
 from __future__ import annotations
 
@@ -624,9 +624,8 @@ class BatchEngine:
                 state.chunk.loop += 1
                 state.chunk.hidden = h
                 if state.chunk.loop == cfg.num_loops:
-                    coda.append((state, self._segment_h(state, h, list(range(state.chunk.start,
-                                                                              state.chunk.start + len(state.chunk.ids))),
-                                                        cfg.coda_positions)))
+                    positions = list(range(state.chunk.start, state.chunk.start + len(state.chunk.ids)))
+                    coda.append((state, Segment(h, positions, cfg.coda_positions, state.dec.cache)))
             else:
                 seg = self._after_loop(state, h)
                 if seg is not None:
@@ -645,10 +644,6 @@ class BatchEngine:
     # --- pieces of the step ----------------------------------------------------------------------
     def _segment(self, state: RequestState, ids: list[int], positions: list[int], layers) -> Segment:
         hidden = self.model.model.embed_tokens(torch.tensor(ids, device=self.device))  # (m, d)
-        return Segment(hidden, positions, layers, state.dec.cache)
-
-    @staticmethod
-    def _segment_h(state: RequestState, hidden: torch.Tensor, positions: list[int], layers) -> Segment:
         return Segment(hidden, positions, layers, state.dec.cache)
 
     def _loop_segment(self, state: RequestState) -> Segment:
