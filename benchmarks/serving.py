@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
     p.add_argument("--model", default="default", help="load_model name; 'default' falls back to the conversion")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="instead of --model: convert smollm2-135m to 3 loops with this LoRA rank (0 = pure sharing)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     # workload
@@ -153,7 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads or not (args.device or "cpu").startswith("cuda"):
         torch.set_num_threads(args.threads or 1)
 
-    model, tok, name, note = load_served_model(args.model)
+    if args.lora_rank is not None:
+        from model import load_model, recursify
+
+        base, tok = load_model("smollm2-135m")
+        model = recursify(base, num_loops=3, lora_rank=args.lora_rank, base_name="smollm2-135m")
+        name, note = f"conversion of smollm2-135m, 3 loops, LoRA rank {args.lora_rank} (untrained)", None
+    else:
+        model, tok, name, note = load_served_model(args.model)
     if note:
         log.warning(note)
     policy = args.policy or ("halting" if model.has_halting_heads else "confidence")
