@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     # engine
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    p.add_argument("--policy", default=None, choices=sorted(POLICIES),
-                   help="depth policy of the adaptive strategies (default: halting if trained, else confidence)")
+    p.add_argument("--policy", default=None, choices=sorted({*POLICIES, "adaptive"}),
+                   help="depth policy of the adaptive strategies (default: router for a MoR model, halting if "
+                        "trained with halting heads, else confidence)")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--kv-mode", default="sync", choices=["sync", "copy"])
     p.add_argument("--max-requests", type=int, default=16)
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         model, tok, name, note = load_served_model(args.model)
     if note:
         log.warning(note)
-    policy = args.policy or ("halting" if model.has_halting_heads else "confidence")
+    policy = args.policy or ("router" if getattr(model.config, "router_type", None) else
+                             "halting" if model.has_halting_heads else "confidence")
     policy_factory = lambda: make_policy(policy, args.threshold, model.config.num_loops)  # noqa: E731
     kw = dict(tokenizer=tok, policy_factory=policy_factory, kv_mode=args.kv_mode, max_requests=args.max_requests,
               max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk, device=args.device,

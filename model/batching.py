@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("cdb", "ee_sequence", "csb", "static")
 FULL_DEPTH_STRATEGIES = ("csb", "static")  # these ignore the request's policy: every token runs all loops
 LOCKSTEP_STRATEGIES = ("ee_sequence", "csb", "static")  # next tokens enter only when the iteration ended
+BATCH_KV_MODES = ("sync", "copy")  # MoR's "recursion"/"share" are not batched yet (model.generate has them)
 
 
 class EngineFullError(RuntimeError):
@@ -296,12 +297,15 @@ class _Token:
     hidden: torch.Tensor | None = None  # (1, d) residual stream after ``loop`` loops
     entering: torch.Tensor | None = None  # (1, d) stream entering the last loop
     rows: list[_Waiting] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
+    done_rows: list[_Waiting] = field(default_factory=list)  # rows that reached the last loop in it
     caught_up: set = field(default_factory=set)
     loops: list = field(default_factory=list)  # LoopSignal per loop
     flops: dict = field(default_factory=dict)
     logits: torch.Tensor | None = None  # probe / exit logits after the current loop
     probs: torch.Tensor | None = None
     halting: float | None = None
+    router_logit: float | None = None  # expert-choice: the next recursion's router logit
+    planned: int | None = None  # token-choice: the depth the router chose at entry
     stop: bool = False
     reason: str = ""
 
@@ -518,6 +522,11 @@ class BatchEngine:
             raise EngineInputError(f"the prompt has {len(r.prompt_ids)} tokens; with max_new_tokens="
                                    f"{r.max_new_tokens} at most {limit - r.max_new_tokens} fit")
         r.sampling.validate()
+        if r.kv_mode not in BATCH_KV_MODES:
+            raise EngineInputError(f"kv_mode must be one of {BATCH_KV_MODES} in the batching engine, got "
+                                   f"{r.kv_mode!r} (the routed modes run through model.generate for now)")
+        if r.policy is not None and getattr(r.policy, "needs_router", False) and self.cfg.router_type is None:
+            raise EngineInputError("the router policy needs a Mixture-of-Recursions model with trained routers")
         if r.policy is not None and r.policy.needs_halting and not self.model.has_halting_heads:
             raise EngineInputError("the halting policy needs a model trained with halting heads; pick another policy")
         r.stop = [s for s in (r.stop or []) if s]
@@ -611,6 +620,9 @@ class BatchEngine:
                 else:
                     state.token.hidden = h
                     add_into(state.token.flops, self.layer_costs(cfg.prelude_positions, state.token.position + 1))
+                    if state.dec.policy.needs_router and cfg.router_type == "token":  # depth chosen up front
+                        state.token.planned = int(self.model.token_router.depth(h[-1]))
+                        add_into(state.token.flops, {"decision": state.dec.costs.router(cfg.num_loops)})
         # ONE call of the shared block for every item, whatever its loop
         segments = [self._loop_segment(state) for state, _, _ in work]
         for item, (state, _, _), seg in zip(items, work, segments):
@@ -631,11 +643,12 @@ class BatchEngine:
                 if seg is not None:
                     coda.append((state, seg))
                 deciding.append(state)
-        if coda and cfg.num_coda:
-            self.runner.run([seg for _, seg in coda])
-        for state, _ in coda:
+        finals = self.runner.run([seg for _, seg in coda]) if coda and cfg.num_coda else [seg.hidden for _, seg in coda]
+        for (state, _), final in zip(coda, finals):
             if state.chunk is not None:
                 self._finish_chunk(state)
+            else:
+                self._calibrate(state, final)
         exited = self._decide(deciding)
         for item, (state, _, _) in zip(items, work):
             item.head = state in exited
@@ -680,12 +693,26 @@ class BatchEngine:
         done = [w for w in tok.rows if w.depth == cfg.num_loops]
         dec.waiting = [w for w in dec.waiting if w.depth < cfg.num_loops]
         tok.rows = []
-        if not done or not cfg.num_coda:
+        tok.done_rows = done
+        if not done:
             return None
-        for p in cfg.coda_positions:
-            dec.cache.layers[p].crop(-len(done))
+        if cfg.num_coda:
+            for p in cfg.coda_positions:
+                dec.cache.layers[p].crop(-len(done))
         return Segment(torch.cat([w.hidden.reshape(1, -1) for w in done], dim=0), [w.position for w in done],
                        cfg.coda_positions, dec.cache)
+
+    def _calibrate(self, state: RequestState, final: torch.Tensor) -> None:
+        """FREE's adaptive threshold: caught-up tokens that reached full depth label calibration pairs
+        (their exit prediction vs the full-depth one), as ``AdaptiveDecoder._advance`` does."""
+        dec, done = state.dec, state.token.done_rows
+        if not getattr(dec.policy, "wants_calibration", False):
+            return
+        deep = self.model.lm_head(self.model.model.norm(final)).argmax(-1).tolist()  # final: (len(done), d)
+        dec.calibration_flops += len(done) * dec.costs.head()
+        for w, a in zip(done, deep):
+            if w.exit_signal is not None:
+                dec.policy.calibrate(w.exit_signal, w.exit_argmax == a)
 
     def _finish_chunk(self, state: RequestState) -> None:
         c = state.chunk
@@ -703,7 +730,10 @@ class BatchEngine:
         headed: list[RequestState] = []
         for state in deciding:
             tok, policy = state.token, state.dec.policy
-            tok.logits = tok.probs = tok.halting = None
+            tok.logits = tok.probs = tok.halting = tok.router_logit = None
+            if policy.needs_router and cfg.router_type == "expert" and tok.loop < state.dec.max_loops:
+                tok.router_logit = float(self.model.routers.logit(tok.loop + 1, tok.hidden[-1]))
+                add_into(tok.flops, {"decision": state.dec.costs.router()})
             if policy.needs_halting and tok.loop < cfg.num_loops:
                 tok.halting = float(torch.sigmoid(self.model.halting_logit(tok.loop, tok.hidden[None])[0, -1]))
                 add_into(tok.flops, {"decision": state.dec.costs.halting(cfg.halting_hidden)})
@@ -749,7 +779,7 @@ class BatchEngine:
     def _observation(state: RequestState) -> Observation:
         tok = state.token
         obs = Observation(tok.loop, state.dec.max_loops, tok.hidden[0], tok.entering[0], tok.probs)
-        obs.halting = tok.halting
+        obs.halting, obs.router_logit, obs.planned_depth = tok.halting, tok.router_logit, tok.planned
         return obs
 
     # --- postprocess -------------------------------------------------------------------------------
@@ -763,6 +793,12 @@ class BatchEngine:
         add_into(tok.flops, {"head": dec.costs.head()})
         cos, sin = self.model.model.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
         dec._store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
+        if dec.waiting and dec.waiting[-1].position == tok.position:  # FREE calibration needs these
+            dec.waiting[-1].exit_signal = tok.loops[-1].signal
+            dec.waiting[-1].exit_argmax = int(tok.logits.argmax())
+        if dec.calibration_flops:
+            add_into(tok.flops, {"decision": dec.calibration_flops})
+            dec.calibration_flops = 0.0
         token = _choose(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
                         state.generator)
         now = self.now()

@@ -39,14 +39,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
-from .engine import KV_MODES, EngineInputError, Sampling, as_recursive
+from .batching import BATCH_KV_MODES, STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
+from .engine import EngineInputError, Sampling, as_recursive
 from .policies import POLICIES, make_policy
 
 log = logging.getLogger(__name__)
 
 FALLBACK_BASE = "smollm2-135m"
 FALLBACK_CONVERSION = dict(num_loops=3, sharing="cycle", lora_rank=64)  # the project's default conversion
+POLICY_NAMES = sorted({*POLICIES, "adaptive"})  # make_policy's names ("adaptive": FREE's Beta-mixture threshold)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -208,16 +209,16 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
                                 f"max_tokens={max_tokens}", "prompt", "context_length_exceeded")
         spec = {**default_policy}
         if body.policy is not None:
-            if body.policy not in POLICIES:
-                raise APIError(400, f"policy must be one of {sorted(POLICIES)}", "policy")
+            if body.policy not in POLICY_NAMES:
+                raise APIError(400, f"policy must be one of {POLICY_NAMES}", "policy")
             spec = {"policy": body.policy}
         if body.threshold is not None:
             spec["threshold"] = body.threshold
         if body.depth is not None:
             spec["depth"] = body.depth
         kv_mode = body.kv_mode or default_policy.get("kv_mode", "sync")
-        if kv_mode not in KV_MODES:
-            raise APIError(400, f"kv_mode must be one of {KV_MODES}", "kv_mode")
+        if kv_mode not in BATCH_KV_MODES:
+            raise APIError(400, f"kv_mode must be one of {BATCH_KV_MODES}", "kv_mode")
         try:
             policy = make_policy(spec["policy"], spec.get("threshold"), spec.get("depth"))
             sampling = Sampling(body.temperature, body.top_p, body.repetition_penalty,
@@ -407,10 +408,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="queued requests beyond the batch; then 429")
     parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     # default depth policy (requests may override with the extension fields)
-    parser.add_argument("--policy", default=None, choices=sorted(POLICIES),
-                        help="default: halting if the model has halting heads, else fixed full depth")
+    parser.add_argument("--policy", default=None, choices=POLICY_NAMES,
+                        help="default: router for a MoR model, halting if the model has halting heads, else fixed "
+                             "full depth")
     parser.add_argument("--threshold", type=float, default=None)
-    parser.add_argument("--kv-mode", default="sync", choices=KV_MODES)
+    parser.add_argument("--kv-mode", default="sync", choices=BATCH_KV_MODES)
     # http
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -432,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
                          max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
                          max_queue=args.max_queue, device=args.device, dtype=args.dtype, model_name=name,
                          keep_log=False, keep_results=False)
-    policy = args.policy or ("halting" if model.has_halting_heads else "fixed")
+    policy = args.policy or ("router" if getattr(model.config, "router_type", None) else
+                             "halting" if model.has_halting_heads else "fixed")
     spec = {"policy": policy, "threshold": args.threshold, "depth": model.config.num_loops, "kv_mode": args.kv_mode}
     worker = EngineWorker(engine).start()
     app = create_app(worker, tokenizer, name, ServerLimits(max_tokens=args.max_tokens), spec)

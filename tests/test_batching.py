@@ -44,6 +44,27 @@ class RandomProbe(RandomExits):
     needs_logits = True
 
 
+class CalibratingRandom(RandomProbe):
+    """Random exits that take FREE calibration pairs and let them shift later decisions."""
+
+    wants_calibration = True
+
+    def __init__(self, p, seed):
+        super().__init__(p, seed)
+        self.pairs = []
+
+    def signal(self, obs):
+        return obs.softmax_signals().get("max_prob")
+
+    def calibrate(self, confidence, consistent):
+        self.pairs.append((round(confidence, 5), consistent))
+
+    def decide(self, obs):
+        if obs.loop >= obs.max_loops:
+            return True, "max depth"
+        return self.rng.random() < self.p + 0.1 * (len(self.pairs) % 3), "random"
+
+
 @pytest.fixture(scope="module")
 def models(smol_tokenizer):
     """Recursive tiny models with SmolLM2's vocabulary: cycle (3 loops) and middle_cycle (2 loops, prelude + coda)."""
@@ -106,6 +127,35 @@ def test_probe_policies_equal_solo(models, smol_tokenizer, sharing):
         assert got(engine, i) == solo(rec, tok, prompt, RandomProbe(0.4, i))
     step = engine.results["r0"].trace.steps[0]
     assert step.flops["decision"] > 0 and step.loops[0].top_tokens is not None
+
+
+def test_free_calibration_and_mor_routers_equal_solo(models, smol_tokenizer):
+    """FREE's calibration pairs (from caught-up tokens) and MoR router decisions, batched as solo."""
+    from model.policies import Router
+    from model.routers import add_routers
+
+    rec, tok = models["cycle"], smol_tokenizer
+    policies = [CalibratingRandom(0.5, i) for i in range(4)]
+    engine = batched(rec, tok, PROMPTS[:4], policies, "sync", n=12, max_requests=3)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        ref_policy = CalibratingRandom(0.5, i)
+        assert got(engine, i) == solo(rec, tok, prompt, ref_policy, n=12)
+        assert policies[i].pairs == ref_policy.pairs
+    assert any(p.pairs for p in policies)
+    for router_type in ("expert", "token"):
+        mor = add_routers(recursify(tiny_llama(layers=6, vocab=len(tok), seed=3), num_loops=3, lora_rank=4),
+                          router_type).eval()
+        engine = batched(mor, tok, PROMPTS[:3], [Router(0.0) for _ in range(3)], "sync", max_requests=2)
+        depths = set()
+        for i, prompt in enumerate(PROMPTS[:3]):
+            ref = solo(mor, tok, prompt, Router(0.0))
+            assert got(engine, i) == ref, router_type
+            depths.update(d for _, d in ref[0])
+        assert len(depths) > 1, router_type
+    with pytest.raises(EngineInputError, match="batching engine"):
+        BatchEngine(mor, tok).submit(Request([1, 2, 3], 4, Router(0.0), kv_mode="recursion"))
+    with pytest.raises(EngineInputError, match="router"):
+        BatchEngine(rec, tok).submit(Request([1, 2, 3], 4, Router(0.0)))
 
 
 def test_sampling_stop_strings_and_seeds_equal_solo(models, smol_tokenizer):
