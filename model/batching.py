@@ -440,7 +440,8 @@ def _rows_next(state: RequestState) -> int:
 # --- the engine ------------------------------------------------------------------------------------
 class BatchEngine:
     """In-flight requests, one shared-block call per ``step()``. Not thread-safe: drive it from one
-    thread (``EngineWorker`` does that for servers).
+    thread (``EngineWorker`` does that for servers). ``device``/``dtype`` move the model given (in
+    place, as ``nn.Module.to`` does).
 
     >>> engine = BatchEngine(model, tokenizer, strategy="cdb", max_requests=16)
     >>> rid = engine.submit(Request(prompt_ids=tokenizer("Hi").input_ids, policy=Confidence(0.8)))
