@@ -375,7 +375,7 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
             log.info("step %d/%d loss %.4f %s lr %.2e %.0f tok/s", progress.step, total_steps, float(loss.detach()),
                      {k: round(v, 4) for k, v in stats.items()}, scheduler.get_last_lr()[0], rate)
         done = progress.step >= total_steps
-        if args.eval_every and (progress.step % args.eval_every == 0 or done):
+        if done or (args.eval_every and progress.step % args.eval_every == 0):
             evaluate_now()
         if done or progress.step % args.save_every == 0:
             checkpoint(final=done)
