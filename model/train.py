@@ -406,8 +406,9 @@ def _provenance(previous: dict | None, args, command: str, progress: Progress, f
         "val": progress.history[-1] if progress.history else None,
         "val_rows": args.val_rows,
     }
-    if stages and stages[-1].get("stage") == args.stage and not stages[-1].get("complete"):
-        # a resumed (possibly re-budgeted) run of the same stage: one record, every invocation kept
+    if stages and stages[-1].get("stage") == args.stage:
+        # a resumed or extended (re-budgeted) run of the same stage: progress is cumulative, so one
+        # record, every invocation kept
         record["commands"] = list(dict.fromkeys(stages[-1].get("commands", [stages[-1]["command"]]) + [command]))
         stages[-1] = record
     else:
