@@ -71,14 +71,14 @@ def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
 def test_optimizer_steps_reduce_kd_loss(tiny_run):
     tmp, base = tiny_run
     out = tmp / "run"
-    T.train(uptrain_args(base, out, steps=12, extra=["--train", "all"]))
+    T.train(uptrain_args(base, out, steps=8, extra=["--train", "all"]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_kd = [r["kd"] for r in records if r["kind"] == "train"]
-    assert len(train_kd) == 12
+    assert len(train_kd) == 8
     assert sum(train_kd[-3:]) / 3 < 0.8 * sum(train_kd[:3]) / 3
     rec = load_model(out / "checkpoint")[0]
     stage = rec.config.training["stages"][-1]
-    assert stage["stage"] == "uptrain" and stage["complete"] and stage["tokens_seen"] == 12 * 4 * SEQ
+    assert stage["stage"] == "uptrain" and stage["complete"] and stage["tokens_seen"] == 8 * 4 * SEQ
     assert stage["val"]["ppl"] and "model.train uptrain" in stage["command"]
 
 
