@@ -94,14 +94,16 @@ def _write_trace(trace: GenerationTrace) -> str:
 COMPARE_PRESETS = [
     dict(policy="fixed", threshold=0.5, depth=None, enabled=True, title="Full depth"),
     dict(policy="fixed", threshold=0.5, depth=1, enabled=True, title="Fixed depth 1"),
-    dict(policy="confidence", threshold=0.5, depth=1, enabled=True, title="Confidence"),
-    dict(policy="saturation", threshold=0.9, depth=1, enabled=True, title="Saturation"),
+    # thresholds from the trained default's sweep (docs/RESULTS.md): a visible mix of depths
+    dict(policy="confidence", threshold=0.2, depth=1, enabled=True, title="Confidence"),
+    dict(policy="saturation", threshold=0.7, depth=1, enabled=True, title="Saturation"),
 ]
 
 
 def build_app(service: ModelService) -> gr.Blocks:
     loaded = service.current
     loops = loaded.num_loops
+    first_policy, first_threshold = loaded.suggested_policy()
     with gr.Blocks(title="Adaptive-Depth Lab") as demo:
         gr.Markdown(INTRO, elem_id="intro")
         model_note = gr.Markdown(f"**Loaded:** {loaded.label}. {loaded.note}", elem_id="model-note")
@@ -121,8 +123,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
-                        policy = gr.Dropdown(POLICY_CHOICES, value="confidence", label="Depth policy")
-                        threshold = gr.Slider(-1.0, 1.0, value=0.5, step=0.01, label="Threshold",
+                        policy = gr.Dropdown(POLICY_CHOICES, value=first_policy, label="Depth policy")
+                        threshold = gr.Slider(-1.0, 1.0, value=first_threshold, step=0.01, label="Threshold",
                                               info="confidence/halting: 0..1 · saturation: cosine · adaptive: "
                                                    "starting value · router: logit bias")
                         measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",

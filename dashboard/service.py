@@ -52,6 +52,16 @@ class Loaded:
     def num_loops(self) -> int:
         return self.model.config.num_loops
 
+    def suggested_policy(self) -> tuple[str, float]:
+        """A first-click setting that shows a mix of depths without wrecking the text: the learned
+        halting head where there is one (0.3: on the trained default's sweep text, average depth 1.88,
+        92% top-1 agreement with full depth), else a cautious confidence threshold."""
+        if self.model.config.router_type:
+            return "router", 0.0
+        if self.model.has_halting_heads:
+            return "halting", 0.3
+        return "confidence", 0.9
+
 
 def checkpoint_folders() -> list[Path]:
     """Local recursive checkpoints: folders with a recursive_llama config.json under runs/ and the cache."""
