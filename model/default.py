@@ -186,7 +186,13 @@ def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dic
     trained, _ = load_model(run_model_folder(source))
     reference, _ = rebuild(base)
     ref_state = reference.state_dict()
-    changed = {k: v for k, v in trained.state_dict().items() if k not in ref_state or not torch.equal(v, ref_state[k])}
+    def unchanged(key: str, value: torch.Tensor) -> bool:
+        if torch.equal(value, ref_state[key]):
+            return True  # a tensor the base stores as int8 counts as unchanged if it quantizes the same
+        roundtrip = dequantize_state(quantize_state({key: value}, {key}))[key]
+        return torch.allclose(roundtrip, ref_state[key], rtol=0, atol=1e-7)
+
+    changed = {k: v for k, v in trained.state_dict().items() if k not in ref_state or not unchanged(k, v)}
     target.mkdir(parents=True, exist_ok=True)
     save_file(quantize_state(changed, set()), str(target / "weights.safetensors"))
     conversion = json.loads((base / "conversion.json").read_text())
