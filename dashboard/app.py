@@ -117,9 +117,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                         with gr.Row():
                             chat = gr.Checkbox(value=True, label="Chat template (instruct model)")
                             time_full = gr.Checkbox(value=False, label="Also time a full-depth run (wall-clock speedup)")
-                            shared = gr.Checkbox(value=True, label="Share batches with other users (CDB engine)",
+                            shared = gr.Checkbox(value=False, label="Share batches with other users (CDB engine)",
                                                  info="fixed/confidence/saturation/halting with sync/copy KV; "
-                                                      "otherwise the run is solo")
+                                                      "solo runs also show the top-5 candidates at every loop")
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):

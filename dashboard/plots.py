@@ -123,8 +123,8 @@ def kv_view(trace: GenerationTrace | None) -> go.Figure:
                         hovertemplate="query %{y} → key %{x}: %{z}<extra></extra>")
         fig.update_yaxes(autorange="reversed", row=1, col=r)
     mode = trace.settings.get("kv_mode")
-    fig.update_layout(title=f"KV visibility per loop ({mode}): teal = exact KV, orange = approximate/shared, "
-                            "grey = absent", **{**LAYOUT, "height": 320})
+    fig.update_layout(title=f"KV seen per loop ({mode}) · teal exact · orange approx./shared · grey absent",
+                      **{**LAYOUT, "height": 320})
     return fig
 
 

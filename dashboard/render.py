@@ -93,8 +93,14 @@ def token_details(trace: GenerationTrace | None, index: int | None) -> str:
     )
 
 
+def _text_on(colour: str) -> str:
+    """Black or white text, whichever reads better on ``colour`` (#RRGGBB)."""
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return "#111" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
+
+
 def legend_html(max_depth: int) -> str:
-    chips = "".join(f"<span class='chip' style='background:{c}'>{html.escape(l)}</span>"
+    chips = "".join(f"<span class='chip' style='background:{c};color:{_text_on(c)}'>{html.escape(l)}</span>"
                     for l, c in colour_map(max_depth).items())
     return f"<div class='legend'>{chips}</div>"
 

@@ -26,6 +26,7 @@ BATCHABLE_KV = ("sync", "copy")
 log = logging.getLogger(__name__)
 
 TRAINED_DEFAULT = "Trained default (recursive SmolLM2)"
+TRAINED_MOR = "Trained default + Mixture-of-Recursions routers (default-mor)"
 EXACT_3x10 = "SmolLM2 → 3 loops × 10 · full-rank LoRA (untrained; exact at full depth)"
 RANK64_3x10 = "SmolLM2 → 3 loops × 10 · LoRA r64 (untrained conversion)"
 TEACHER = "SmolLM2-135M-Instruct teacher (no sharing, 1 loop)"
@@ -61,6 +62,18 @@ class Loaded:
         if self.model.has_halting_heads:
             return "halting", 0.3
         return "confidence", 0.9
+
+
+def _training_summary(training: dict | None) -> str:
+    """One line from a checkpoint's provenance: tokens seen and measured perplexity."""
+    if not training:
+        return ""
+    stages = training.get("stages") or []
+    tokens = sum(s.get("tokens_seen", 0) for s in stages)
+    check = training.get("artifact") or {}
+    ppl = f", validation perplexity {check['ppl_rebuilt']:.0f} on its check rows" if "ppl_rebuilt" in check else ""
+    return (f"Distilled on this project's 2-core CPU: {tokens / 1000:.0f}k tokens{ppl} — far from the papers' billions, "
+            "so its text is not yet fluent; the teacher and an exact conversion are in the Model tab.")
 
 
 def checkpoint_folders() -> list[Path]:
@@ -100,7 +113,7 @@ class ModelService:
         return cls(Loaded(label, model, tokenizer, "", describe_model(model, label)))
 
     def choices(self) -> list[str]:
-        labels = [TRAINED_DEFAULT, *BUILTIN_CONVERSIONS, *(str(p) for p in checkpoint_folders())]
+        labels = [TRAINED_DEFAULT, TRAINED_MOR, *BUILTIN_CONVERSIONS, *(str(p) for p in checkpoint_folders())]
         return list(dict.fromkeys([*(self._order), *labels]))
 
     def load_best(self) -> Loaded:
@@ -126,9 +139,9 @@ class ModelService:
         return loaded
 
     def _build(self, label: str) -> Loaded:
-        if label == TRAINED_DEFAULT:
-            model, tok = load_model("default")
-            note = "Trained recursive model (see the Model tab for how it was trained)."
+        if label in (TRAINED_DEFAULT, TRAINED_MOR):
+            model, tok = load_model("default" if label == TRAINED_DEFAULT else "default-mor")
+            note = "Trained recursive model. " + _training_summary(model.config.training)
         elif label in BUILTIN_CONVERSIONS:
             base, tok = load_model("smollm2-135m")
             model = recursify(base, base_name="smollm2-135m", **BUILTIN_CONVERSIONS[label])
