@@ -36,12 +36,12 @@ def signal_heatmap(trace: GenerationTrace | None) -> go.Figure:
     if trace and trace.steps:
         max_depth = trace.steps[0].max_depth
         z = [[None] * len(trace.steps) for _ in range(max_depth)]
+        fixed = trace.steps[0].signal_name is None  # no exit signal: show the inspected confidence instead
         for i, s in enumerate(trace.steps):
             for l in s.loops:
-                value = l.signal if l.signal is not None else l.max_prob
-                z[l.loop - 1][i] = value
-        threshold = trace.steps[0].threshold
-        name = trace.steps[0].signal_name or "max prob (inspected)"
+                z[l.loop - 1][i] = l.max_prob if fixed else l.signal
+        threshold = None if fixed else trace.steps[0].threshold
+        name = "max prob (inspected)" if fixed else trace.steps[0].signal_name
         fig.add_heatmap(z=z, x=list(range(len(trace.steps))), y=[f"loop {r}" for r in range(1, max_depth + 1)],
                         colorscale="RdBu", zmid=threshold if threshold is not None else None,
                         colorbar=dict(title=name, len=0.9), hoverongaps=False,
