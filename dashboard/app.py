@@ -190,8 +190,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                 with gr.Row():
                     sw_text = gr.Textbox(value=_sweep_text(), lines=5, label="Text", scale=3, elem_id="sweep-text")
                     with gr.Column(scale=1):
-                        sw_policy = gr.Dropdown(["confidence", "saturation", "halting"], value="confidence",
-                                                label="Policy to sweep")
+                        sw_policy = gr.Dropdown(["confidence", "saturation", "halting", "router"], value="confidence",
+                                                label="Policy to sweep", info="router: its logit bias is swept")
                         sw_measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",
                                                  label="Confidence measure")
                         sw_btn = gr.Button("Sweep", variant="primary", elem_id="sweep-run")

@@ -214,6 +214,9 @@ class ModelService:
         loaded = self.current
         if policy_name == "halting" and not loaded.model.has_halting_heads:
             raise ServiceError("This model has no halting heads (train them with `python -m model.train exits`).")
+        if policy_name == "router" and not loaded.model.config.router_type:
+            raise ServiceError("This model has no routers: load 'default-mor' or train them with "
+                               "`python -m model.train routers`.")
         ids = loaded.tokenizer(text).input_ids[: max_tokens + 1]
         scores = score_ids(loaded.model, ids)
         family = [p.to_dict() for p in sweep(scores, policy_name, measure=measure)]

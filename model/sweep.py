@@ -8,7 +8,8 @@ Semantics: each token's loop-r state comes from a uniform-depth forward, i.e. wi
 all earlier tokens, which is exactly what "sync" decoding gives (FREE's synchronised parallel
 decoding; exact for schemes without a coda, and up to the coda's provisional KV for MIDDLE-CYCLE).
 Compute is the token's own path (layers it ran + head + decision overhead), excluding the deferred
-catch-up work that sync decoding does in batched passes.
+catch-up work that sync decoding does in batched passes. Router policies are replayed under the same
+full-KV semantics (an approximation of their recursion-wise decoding; ``forced_decode`` is exact).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from .compute import CostModel
 from .engine import as_recursive
-from .policies import Confidence, DepthPolicy, FixedDepth, Halting, Observation, Saturation
+from .policies import Confidence, DepthPolicy, FixedDepth, Halting, Observation, Router, Saturation
 
 
 @dataclass
@@ -32,6 +33,8 @@ class TextScores:
     certainty: list[list[float]]
     cosine: list[list[float]]
     halting: list[list[float]] | None
+    router: list[list[float]] | None  # expert-choice: logit of the router of recursion r+1 after loop r
+    planned: list[int] | None  # token-choice: the depth each token's router chose up front
     argmax: list[list[int]]
     target_logprob: list[list[float]]  # log p(true next token) at each loop
     flops_by_depth: list[dict[str, float]]  # per depth d: {"layers", "head", "probe", "softmax", "cosine", "halting"} per token (mean)
@@ -42,8 +45,10 @@ class TextScores:
 class _Replayed(Observation):
     """An Observation whose signals were precomputed (so a policy can be replayed cheaply)."""
 
-    def __init__(self, loop: int, max_loops: int, signals: dict, cosine: float, halting: float | None):
+    def __init__(self, loop: int, max_loops: int, signals: dict, cosine: float, halting: float | None,
+                 router_logit: float | None = None, planned_depth: int | None = None):
         self.loop, self.max_loops, self.probs, self.halting = loop, max_loops, None, halting
+        self.router_logit, self.planned_depth = router_logit, planned_depth
         self._signals, self._cosine = signals, cosine
 
     def softmax_signals(self) -> dict[str, float]:
@@ -86,12 +91,17 @@ def score_ids(model, token_ids: list[int], first: int = 0) -> TextScores:
         cols["target_logprob"].append(logp.gather(-1, targets[:, None])[:, 0])
         if model.has_halting_heads and r < cfg.num_loops:
             cols["halting"].append(torch.sigmoid(model.halting_logit(r, states[r])[0]))
+        if cfg.router_type == "expert" and r < cfg.num_loops:
+            cols.setdefault("router", []).append(model.routers.logit(r + 1, states[r][0]))
     keep = slice(max(first - 1, 0), None)  # predictions of tokens first.. come from inputs first-1..
     per_token = {k: torch.stack(v, 1)[keep].tolist() for k, v in cols.items() if v}
+    planned = model.token_router.depth(entering[0])[keep].tolist() if cfg.router_type == "token" else None
     costs = CostModel.from_model(model)
     return TextScores(
         token_ids=inputs[0, keep].tolist(),
         halting=per_token.get("halting"),
+        router=per_token.get("router"),
+        planned=planned,
         flops_by_depth=[_path_flops(costs, cfg, d, inputs.shape[1]) for d in range(1, cfg.num_loops + 1)],
         flops_full=sum(costs.full_token(t + 1) for t in range(inputs.shape[1])) / inputs.shape[1],
         num_loops=cfg.num_loops,
@@ -112,6 +122,8 @@ def _path_flops(costs: CostModel, cfg, depth: int, n_tokens: int) -> dict[str, f
         "softmax": costs.softmax_signals(),
         "cosine": costs.cosine(),
         "halting": costs.halting(cfg.halting_hidden) if cfg.halting_hidden else 0.0,
+        "router": costs.router(cfg.num_loops if cfg.router_type == "token" else 1),
+        "router_once": 1.0 if cfg.router_type == "token" else 0.0,  # token-choice decides once, up front
     }
 
 
@@ -124,7 +136,10 @@ def replay(scores: TextScores, policy: DepthPolicy, max_loops: int | None = None
             signals = {"max_prob": scores.max_prob[t][loop - 1], "top2_gap": scores.top2_gap[t][loop - 1],
                        "certainty": scores.certainty[t][loop - 1]}
             halting = scores.halting[t][loop - 1] if scores.halting and loop < scores.num_loops else None
-            stop, _ = policy.decide(_Replayed(loop, max_loops, signals, scores.cosine[t][loop - 1], halting))
+            router = scores.router[t][loop - 1] if scores.router and loop < scores.num_loops else None
+            planned = scores.planned[t] if scores.planned else None
+            stop, _ = policy.decide(_Replayed(loop, max_loops, signals, scores.cosine[t][loop - 1], halting,
+                                              router, planned))
             if stop:
                 break
         depths.append(loop)
@@ -163,6 +178,8 @@ def _decision_and_path(parts: dict[str, float], policy: DepthPolicy, depth: int,
         total += (depth - 1) * parts["probe"] + depth * parts["softmax"]
     elif policy.decision_cost in ("cosine", "halting"):
         total += min(depth, max_loops - 1) * parts[policy.decision_cost]
+    elif policy.decision_cost == "router":  # expert: a router before each further loop; token: one, up front
+        total += parts["router"] * (1 if parts["router_once"] else min(depth, max_loops - 1))
     return total
 
 
@@ -170,6 +187,7 @@ DEFAULT_THRESHOLDS = {
     "confidence": [0.05 * i for i in range(1, 20)] + [0.99],
     "saturation": [0.5 + 0.025 * i for i in range(20)] + [0.995],
     "halting": [0.05 * i for i in range(1, 20)] + [0.99],
+    "router": [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],  # the router's logit bias
 }
 
 
@@ -182,7 +200,7 @@ def sweep(scores: TextScores, policy_name: str, thresholds: list[float] | None =
     points = []
     for th in thresholds:
         policy = {"confidence": lambda: Confidence(th, measure), "saturation": lambda: Saturation(th),
-                  "halting": lambda: Halting(th)}[policy_name]()
+                  "halting": lambda: Halting(th), "router": lambda: Router(th)}[policy_name]()
         points.append(evaluate_depths(scores, replay(scores, policy), policy, th))
     return points
 

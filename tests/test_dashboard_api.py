@@ -162,3 +162,10 @@ def test_batching_lab_runs_the_strategies_and_draws_their_schedules(app):
     gantt = json.loads(result[1]["plot"])
     assert gantt["data"][0]["type"] == "heatmap" and len(gantt["data"][0]["y"]) == 3
     assert "agreement" in result[-1]
+
+
+def test_router_sweep_needs_a_routed_model(app):
+    _, client = app
+    with pytest.raises(Exception, match="no routers"):
+        client.predict("The quick brown fox jumps over the lazy dog.", "router", "max_prob",
+                       "confidence", 0.5, 1, "max_prob", 3, api_name="/sweep")

@@ -114,3 +114,22 @@ def test_router_policy_decisions_match_the_recorded_scores(router_type):
             assert last.extra["planned_depth"] == r.depth
     with pytest.raises(EngineInputError, match="router"):
         AdaptiveDecoder(recursify(tiny_llama(), num_loops=2), Router())
+
+
+@pytest.mark.parametrize("router_type", ["expert", "token"])
+def test_router_sweep_replays_the_engine_decisions(router_type):
+    from model.sweep import replay, score_ids, sweep
+
+    mor = add_routers(recursify(tiny_llama(), num_loops=3, lora_rank=4), router_type)
+    with torch.no_grad():
+        for p in mor.parameters():
+            if p.ndim == 2 and p.shape[0] <= 3 and p.shape[1] == 64:
+                p.normal_(std=0.5)
+    ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    scores = score_ids(mor, ids)
+    dec = AdaptiveDecoder(mor, Router(), kv_mode="sync")  # sync = the replay's full-KV semantics
+    dec.prefill(ids[:1])
+    engine_depths = [dec.step(t).depth for t in ids[1:-1]]
+    assert replay(scores, Router())[1:] == engine_depths
+    points = sweep(scores, "router")
+    assert points[0].avg_depth <= points[-1].avg_depth  # a larger bias keeps more tokens going
