@@ -38,6 +38,16 @@ class RandomExits(DepthPolicy):
         return self.rng.random() < self.p, "random"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (on a busy 2-core machine two threads made
+    them several times slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     from model import load_tokenizer

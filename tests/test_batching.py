@@ -28,14 +28,7 @@ PROMPTS = ["Hello there", "The capital of France is", "Once upon a time, in a la
            "and why it mattered so much for Europe"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these tests (tiny matmuls; on the busy shared 2-core machine two threads
-    made them several times slower); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RandomProbe(RandomExits):

@@ -19,17 +19,10 @@ from model.policies import FixedDepth
 from model.serve import ServerLimits, StopTrimmer, create_app
 from tests.conftest import tiny_llama
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402  (pinned in requirements.txt)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for these tests (tiny matmuls; on the busy shared 2-core machine two threads
-    made them several times slower); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:
