@@ -203,15 +203,16 @@ def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dic
 
 
 @torch.no_grad()
-def validation_ppl(model, rows: int = 2, seq_len: int = 512) -> float:
-    """Perplexity (full depth) on the first ``rows`` rows of the ``val`` split."""
+def validation_ppl(model, rows: int = 2, seq_len: int = 512, ids: torch.Tensor | None = None) -> float:
+    """Perplexity (full depth) on the first ``rows`` rows of the ``val`` split (or on ``ids``)."""
     import math
 
     from torch.nn import functional as F
 
     from .data import load_split
 
-    ids = load_split("val", seq_len)[:rows]
+    if ids is None:
+        ids = load_split("val", seq_len)[:rows]
     nll, count = 0.0, 0
     for batch in ids.split(1):
         logits = model(input_ids=batch).logits[:, :-1].float()
