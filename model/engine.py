@@ -110,7 +110,7 @@ class AdaptiveDecoder:
     """One sequence's KV cache and the loop-by-loop step. Used by ``stream`` (and by tests)."""
 
     def __init__(self, model: RecursiveForCausalLM, policy: DepthPolicy, kv_mode: str = "sync",
-                 max_loops: int | None = None, inspect: bool = False):
+                 max_loops: int | None = None, inspect: bool = False, tokenizer=None):
         if kv_mode not in KV_MODES:
             raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
         if policy.needs_router and model.config.router_type is None:
@@ -128,6 +128,7 @@ class AdaptiveDecoder:
         if not 1 <= self.max_loops <= self.cfg.num_loops:
             raise EngineInputError(f"max_loops must be in 1..{self.cfg.num_loops}, got {max_loops}")
         self.inspect = inspect
+        self.tokenizer = tokenizer  # only to show the top-5 candidates as text
         self.costs = CostModel.from_model(model)
         self.cache = RecursionShareCache(share_slots(self.cfg)) if kv_mode == "share" else DynamicCache()
         self.length = 0  # tokens fed so far == next position
@@ -313,13 +314,11 @@ class AdaptiveDecoder:
                    if p not in getattr(self.cache, "slot_of", {}))
         return held, self.length * self.cfg.num_hidden_layers
 
-    _tokenizer = None
-
     def _top_tokens(self, probs: torch.Tensor) -> list[tuple[str, float]]:
+        """Top-5 (text, probability); token ids as text when the decoder has no tokenizer."""
         top = torch.topk(probs, TOP_K_SHOWN)
-        decode = self._tokenizer.decode if self._tokenizer is not None else str
-        return [(decode([int(i)]) if self._tokenizer is not None else str(int(i)), float(p))
-                for p, i in zip(top.values, top.indices)]
+        text = (lambda i: self.tokenizer.decode([i])) if self.tokenizer is not None else str
+        return [(text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
 
 
 def _loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_tokens) -> LoopSignal:
@@ -370,8 +369,7 @@ class Stream:
         limit = max_prompt_tokens or (model.config.max_position_embeddings - max_new_tokens)
         if len(self.prompt_ids) > limit:
             raise EngineInputError(f"the prompt has {len(self.prompt_ids)} tokens; at most {limit} fit")
-        self.decoder = AdaptiveDecoder(model, policy, kv_mode, max_loops, inspect)
-        self.decoder._tokenizer = tokenizer
+        self.decoder = AdaptiveDecoder(model, policy, kv_mode, max_loops, inspect, tokenizer)
         self.max_new_tokens = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -470,6 +468,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def describe_model(model: RecursiveForCausalLM, name: str | None = None) -> dict:
     """What the trace says about the model (the dashboard's Model tab reads this)."""
     cfg = model.config
+    costs = CostModel.from_model(model)
     return {
         "name": name or cfg.base_model or "recursive model",
         "base_model": cfg.base_model,
@@ -484,8 +483,8 @@ def describe_model(model: RecursiveForCausalLM, name: str | None = None) -> dict
         "init_method": cfg.init_method,
         "lora_rank": "full" if cfg.lora_full_rank else cfg.lora_rank,
         "parameters": model.parameter_counts(),
-        "head_flops": CostModel.from_model(model).head(),
-        "kv_bytes_per_entry": CostModel.from_model(model).kv_numbers_per_entry() * model.dtype.itemsize,
+        "head_flops": costs.head(),
+        "kv_bytes_per_entry": costs.kv_numbers_per_entry() * model.dtype.itemsize,
         "router_type": cfg.router_type,
         "halting_heads": model.has_halting_heads,
         "training": cfg.training,
