@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repo's model/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # svg_plot
 
 from model import load_model
 from model.data import load_split
@@ -41,6 +42,20 @@ def policies(model) -> list[tuple[str, object]]:
     return out
 
 
+def pareto_svg(runs: dict[str, list[dict]], title: str) -> str:
+    """Perplexity vs average depth, one series per policy family (and per run when several)."""
+    from svg_plot import line_chart
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for run, summary in runs.items():
+        for row in summary:
+            family = row["policy"].split()[0]
+            key = f"{run}: {family}" if run else family
+            series.setdefault(key, []).append((row["avg_depth"], row["perplexity"]))
+    return line_chart(series, "average loops per token (block compute)", "held-out perplexity", log_y=True,
+                      title=f"Quality vs compute per depth policy ({title})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default-mor")
@@ -49,7 +64,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--write-results", type=Path, default=None)
+    p.add_argument("--svg", type=Path, default=None, help="write the Pareto figure (PPL vs average depth) here")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="[NAME=]JSON",
+                   help="only draw --svg from saved --json results (several: one set of series per file)")
     args = p.parse_args(argv)
+    if args.from_json:
+        runs = {}
+        for spec in args.from_json:
+            name, _, path = spec.rpartition("=")
+            runs[name] = json.loads(Path(path).read_text())["summary"]
+        args.svg.write_text(pareto_svg(runs, args.model))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.time()
     model, _ = load_model(args.model)
@@ -76,6 +101,8 @@ def main(argv=None) -> int:
                         "kv_pct": 100 * sum(p["kv_entries"] / p["kv_entries_full"] for p in points) / n})
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    if args.svg:
+        args.svg.write_text(pareto_svg({"": summary}, args.model))
     table = ["| policy (KV: recursion-wise) | avg depth | FLOPs saved (decision incl.) | PPL (geometric mean over sets) | KL to teacher | "
              "agreement with full depth | KV entries held |", "|---|---|---|---|---|---|---|"]
     for r in sorted(summary, key=lambda r: r["avg_depth"]):

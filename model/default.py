@@ -234,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(e.g. assets/default-mor: the routers)")
     ovl.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
     ovl.add_argument("--out", type=Path, required=True)
+    ovl.add_argument("--base", type=Path, default=ARTIFACT_DIR,
+                     help="the artifact the run was trained on (default: assets/default); the overlay records "
+                          "its folder name, so keep the two side by side")
     sub.add_parser("build", help="rebuild the default into the cache and print its folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "export":
         print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32), indent=1))
     elif args.cmd == "export-overlay":
-        print(json.dumps(export_overlay(args.source, args.out), indent=1))
+        print(json.dumps(export_overlay(args.source, args.out, args.base), indent=1))
     else:
         print(default_folder())
     return 0

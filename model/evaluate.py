@@ -100,7 +100,9 @@ def evaluate_set(entries: list[Entry], teacher, rows: torch.Tensor, batch_size: 
     """Per-loop ppl / KL / agreement of every entry on ``rows`` (teacher computed once per batch)."""
     sums: dict[str, list[list[float]]] = {}
     count = 0
+    device = next(teacher.parameters()).device
     for ids in rows.split(batch_size):
+        ids = ids.to(device)
         targets = ids[:, 1:].reshape(-1)
         t_logp = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1).reshape(-1, teacher.config.vocab_size)
         t_top = t_logp.argmax(-1)
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--report", type=Path, default=None, help="markdown file whose training-eval block is replaced")
     out.add_argument("--json", type=Path, default=None, help="write the raw results here")
     out.add_argument("--threads", type=int, default=2)
+    out.add_argument("--device", default="cpu", help="cpu, cuda or auto (metrics in fp32 either way; "
+                                                     "policy sweeps always replay on the CPU)")
     out.add_argument("--from-json", type=Path, default=None, help="re-render a saved --json result (no model runs)")
     return parser
 
@@ -223,11 +227,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.time()
-    teacher = load_model(args.teacher)[0]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    teacher = load_model(args.teacher)[0].to(device)
     entries = [load_entry(spec, teacher, args.teacher) for spec in [args.model, *args.compare]]
+    for entry in entries:
+        entry.model.to(device)
     sets = args.sets or heldout_names()
     rows_per_set = max(1, args.max_tokens // args.seq_len)
-    results = {"command": "python -m model.evaluate " + " ".join(argv), "device": "CPU",
+    results = {"command": "python -m model.evaluate " + " ".join(argv),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                "tokens_per_set": rows_per_set * (args.seq_len - 1),
                "models": {e.label: {"spec": e.spec, "params": e.params,
                                     "training": getattr(e.model.config, "training", None)} for e in entries},
@@ -244,7 +253,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         for e in entries:
             if hasattr(e.model, "parameter_counts") and e.model.config.num_loops > 1:
                 log.info("policy sweeps for %s", e.label)
-                results["sweeps"][e.label] = sweeps(e.model, rows)
+                results["sweeps"][e.label] = sweeps(e.model.to("cpu"), rows)
     results["wall_seconds"] = time.time() - started
     return results
 

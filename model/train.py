@@ -101,13 +101,27 @@ def set_trainable(model: torch.nn.Module, which: str) -> list[str]:
     return names
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+class CosineWithWarmup:
+    """LR factor: linear warm-up, then cosine decay to ``min_ratio`` at ``total_steps``.
+
+    An object (not a closure) so that a time budget (``--max-seconds``) can shorten ``total_steps``
+    mid-run; ``LambdaLR`` saves its attributes with the scheduler state.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float = 0.1):
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_to_time(step: int, total_steps: int, steps_timed: int, seconds_timed: float, seconds_left: float) -> int:
+    """The total step count that ends a run within ``seconds_left`` at the measured step rate."""
+    per_step = seconds_timed / max(1, steps_timed)
+    return max(step + 1, min(total_steps, step + int(seconds_left / max(per_step, 1e-9))))
 
 
 @dataclass
@@ -275,6 +289,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
                  saved["progress"]["tokens_seen"])
     elif args.stage == "uptrain":
         model = build_uptrain_model(args, teacher)
+        if args.with_exits:  # the "co-trained" ablation: exit losses and halting heads from the start
+            model = add_halting_heads(model, args.halting_hidden)
     elif args.stage == "routers":
         from .train_routers import build_router_model
 
@@ -297,17 +313,22 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         groups.append({"params": heads, "lr": getattr(args, "halting_lr", args.lr)})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     warmup = max(1, min(args.warmup, total_steps // 10 or 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
+    schedule = CosineWithWarmup(total_steps, warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     progress = Progress()
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        schedule.total_steps, schedule.warmup_steps = total_steps, warmup  # --tokens may be re-budgeted
         progress = Progress(**saved["progress"])
         torch.set_rng_state(saved["rng"]["torch"])
         np.random.set_state(saved["rng"]["numpy"])
         random.setstate(saved["rng"]["python"])
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     teacher.to(device).eval()
     val_batches = list(load_split("val", args.seq_len)[: args.val_rows].split(args.batch_size))
     if args.stage == "routers":
@@ -316,7 +337,7 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         def loss_fn(model, teacher_logits, ids, args):
             return routers_loss(model, teacher_logits, ids, args, kd_loss, progress.step)
     else:
-        loss_fn = uptrain_loss if args.stage == "uptrain" else exits_loss
+        loss_fn = exits_loss if args.stage == "exits" or getattr(args, "with_exits", False) else uptrain_loss
     unwrapped = accelerator.unwrap_model(model)
 
     def checkpoint(final: bool = False) -> None:
@@ -343,12 +364,13 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     bar = tqdm(total=total_steps, initial=progress.step, desc=args.stage, unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     started, wall_at_start = time.time(), progress.wall_seconds
+    first_step, timing = progress.step, {}
     batches = _batches(iter_batches, args, progress, world, accelerator.process_index)
     micro, stats = 0, {}
     while progress.step < total_steps:
         ids = next(batches).to(device)
         with accelerator.accumulate(model):
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():
                 teacher_logits = teacher(input_ids=ids).logits
             with accelerator.autocast():
                 loss, stats = loss_fn(model, teacher_logits, ids, args)
@@ -364,6 +386,9 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
             continue
         progress.step += 1
         scheduler.step()
+        if args.max_seconds:
+            total_steps = _fit_budget(args, progress, schedule, first_step, started, total_steps, rows_per_step, bar,
+                                      timing)
         progress.wall_seconds = wall_at_start + time.time() - started
         rate = progress.tokens_seen / max(progress.wall_seconds, 1e-9)
         bar.update(1)
@@ -381,6 +406,32 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
             checkpoint(final=done)
     bar.close()
     return out / CHECKPOINT
+
+
+def _fit_budget(args, progress: Progress, schedule: CosineWithWarmup, first_step: int, started: float,
+                total_steps: int, rows_per_step: int, bar, timing: dict) -> int:
+    """``--max-seconds``: every ``--budget-probe`` steps, refit the schedule's end to the time left at
+    the recent step rate (the first step, with its warm-up costs, is not timed; never past ``--tokens``)."""
+    now = time.time()
+    if now - started > args.max_seconds - args.budget_reserve / 2 and total_steps > progress.step:
+        log.info("time budget %.0f s spent: stopping at step %d", args.max_seconds, progress.step)
+        schedule.total_steps = bar.total = progress.step
+        return progress.step
+    if progress.step == first_step + 1:
+        timing.update(window_start=now, window_step=progress.step, planned=total_steps)
+        return total_steps
+    if "window_start" not in timing or progress.step - timing["window_step"] < args.budget_probe:
+        return total_steps
+    seconds_left = args.max_seconds - (now - started) - args.budget_reserve
+    fitted = fit_to_time(progress.step, timing["planned"], progress.step - timing["window_step"],
+                         now - timing["window_start"], seconds_left)
+    timing.update(window_start=now, window_step=progress.step)
+    if fitted != total_steps:
+        log.info("time budget %.0f s: run ends at step %d (%.2fM tokens; planned %d)", args.max_seconds, fitted,
+                 fitted * rows_per_step * args.seq_len / 1e6, timing["planned"])
+        schedule.total_steps = fitted
+        bar.total = fitted
+    return fitted
 
 
 def _batches(iter_batches, args, progress: Progress, world: int, rank: int):
@@ -403,6 +454,7 @@ def _provenance(previous: dict | None, args, command: str, progress: Progress, f
                  "epoch": progress.epoch, "rows_consumed": progress.row},
         "tokens_seen": progress.tokens_seen, "steps": progress.step, "seed": args.seed,
         "wall_seconds": round(progress.wall_seconds),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "val": progress.history[-1] if progress.history else None,
         "val_rows": args.val_rows,
     }
@@ -453,13 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exits", help="early-exit post-training + halting heads on an uptrained run")
     ex.add_argument("--from", dest="from_", required=True, help="uptrained run or model folder")
     ex.add_argument("--base", default="smollm2-135m", help="teacher")
-    recipe = ex.add_argument_group("early-exit recipe")
-    recipe.add_argument("--exit-weight", type=float, default=0.1, help="'aggressive' weight c of intermediate loops")
-    recipe.add_argument("--self-kd-weight", type=float, default=1.0,
-                        help="KL(final.detach() || loop r) relative to the intermediate CE")
-    recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
-    recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
-    recipe.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the (fresh) halting heads")
+    up.add_argument("--with-exits", action="store_true",
+                    help="co-train the early exits and halting heads during uptraining (the exits-stage losses "
+                         "from the first step) instead of post-training them")
+    for p in (up, ex):
+        recipe = p.add_argument_group("early-exit recipe")
+        recipe.add_argument("--exit-weight", type=float, default=0.1, help="'aggressive' weight c of intermediate loops")
+        recipe.add_argument("--self-kd-weight", type=float, default=1.0,
+                            help="KL(final.detach() || loop r) relative to the intermediate CE")
+        recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
+        recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
+        recipe.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the (fresh) halting heads")
     ro = sub.add_parser("routers", help="Mixture-of-Recursions routers on a trained run (model/train_routers.py)")
     from .train_routers import add_router_arguments
 
@@ -486,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
         loss.add_argument("--loss", default="forward_kl", choices=["forward_kl", "reverse_kl"])
         loss.add_argument("--ce-weight", type=float, default=0.0, help="weight of an extra next-token CE term")
         run = p.add_argument_group("run")
+        run.add_argument("--max-seconds", type=float, default=0,
+                         help="wall-clock budget of this invocation: after --budget-probe timed steps the cosine "
+                              "schedule is shortened so the run ends (decayed, validated, checkpointed) in time")
+        run.add_argument("--budget-probe", type=int, default=10, help="steps timed before fitting --max-seconds")
+        run.add_argument("--budget-reserve", type=float, default=20,
+                         help="seconds of --max-seconds kept for the final validation and checkpoint")
         run.add_argument("--out", required=True, help="run folder (checkpoint/, log.txt, metrics.jsonl)")
         run.add_argument("--eval-every", type=int, default=50, help="validate every N steps (0 = only at the end)")
         run.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")

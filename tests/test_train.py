@@ -143,3 +143,47 @@ def test_halting_head_learns_a_separable_toy_case():
         opt.step()
     accuracy = float(((head(x) > 0).float() == target).float().mean())
     assert accuracy > 0.95
+
+
+def test_fit_to_time_and_the_schedule_it_reshapes():
+    # 10 steps took 5 s; 20 s left -> 40 more steps, never beyond the planned total, always one more step
+    assert T.fit_to_time(step=10, total_steps=1000, steps_timed=10, seconds_timed=5.0, seconds_left=20.0) == 50
+    assert T.fit_to_time(10, 30, 10, 5.0, 20.0) == 30
+    assert T.fit_to_time(10, 1000, 10, 5.0, -3.0) == 11
+    schedule = T.CosineWithWarmup(total_steps=100, warmup_steps=10)
+    assert schedule(0) == pytest.approx(0.1) and schedule(10) == pytest.approx(1.0)
+    assert schedule(100) == pytest.approx(0.1)
+    schedule.total_steps = 50  # a time budget shortens the run: the decay ends earlier
+    assert schedule(50) == pytest.approx(0.1) and schedule(30) < T.CosineWithWarmup(100, 10)(30)
+
+
+def test_max_seconds_ends_the_run_decayed_and_complete(tiny_run, monkeypatch):
+    tmp, base = tiny_run
+    clock = {"now": 1000.0}
+
+    def fake_time():  # each call advances 1 s: a step costs a few seconds of this clock
+        clock["now"] += 1.0
+        return clock["now"]
+
+    monkeypatch.setattr(T.time, "time", fake_time)
+    args = uptrain_args(base, tmp / "timed", steps=200, extra=["--max-seconds", "60", "--budget-probe", "2",
+                                                               "--budget-reserve", "4"])
+    T.train(args)
+    state = T.load_trainer_state(tmp / "timed")
+    steps = state["progress"]["step"]
+    assert 3 < steps < 200  # cut by the budget, not by --tokens
+    rec = load_model(tmp / "timed" / "checkpoint")[0]
+    stage = rec.config.training["stages"][-1]
+    assert stage["complete"] and stage["steps"] == steps
+    lrs = [json.loads(line)["lr"] for line in (tmp / "timed" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(0.1 * 3e-3, rel=0.2)  # the cosine reached its floor at the fitted end
+
+
+def test_uptrain_with_exits_cotrains_halting_heads(tiny_run):
+    tmp, base = tiny_run
+    T.train(uptrain_args(base, tmp / "co", steps=2, extra=["--with-exits", "--halting-hidden", "8"]))
+    rec = load_model(tmp / "co" / "checkpoint")[0]
+    assert rec.has_halting_heads and rec.config.halting_hidden == 8
+    records = [json.loads(line) for line in (tmp / "co" / "metrics.jsonl").read_text().splitlines()]
+    assert all("bce_loop1" in r and "ce_loop1" in r for r in records if r["kind"] == "train")
