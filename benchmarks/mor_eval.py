@@ -34,9 +34,10 @@ MARK_START, MARK_END = "<!-- mor:start -->", "<!-- mor:end -->"
 
 def policies(model) -> list[tuple[str, object]]:
     out = [(f"fixed {d}", lambda d=d: FixedDepth(d)) for d in range(1, model.config.num_loops + 1)]
-    out += [(f"confidence {t}", lambda t=t: Confidence(t)) for t in (0.3, 0.6, 0.9)]
+    # thresholds low enough to reach the routers' depths (≈ 1.5 of 2), high enough for near-full quality
+    out += [(f"confidence {t}", lambda t=t: Confidence(t)) for t in (0.1, 0.3, 0.6, 0.9)]
     if model.has_halting_heads:
-        out += [(f"halting {t}", lambda t=t: Halting(t)) for t in (0.3, 0.6, 0.9)]
+        out += [(f"halting {t}", lambda t=t: Halting(t)) for t in (0.1, 0.2, 0.3, 0.6, 0.9)]
     if model.config.router_type:
         out += [(f"router bias {b:+.1f}", lambda b=b: Router(b)) for b in (-1.0, 0.0, 1.0)]
     return out

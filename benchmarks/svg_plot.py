@@ -10,8 +10,8 @@ import math
 from html import escape
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
-WIDTH, HEIGHT = 720, 440
-LEFT, RIGHT, TOP, BOTTOM = 80, 190, 50, 60
+WIDTH, HEIGHT = 780, 460
+LEFT, RIGHT, TOP, BOTTOM = 80, 250, 50, 60
 
 
 def _ticks(lo: float, hi: float, count: int = 6) -> list[float]:
@@ -28,20 +28,20 @@ def _ticks(lo: float, hi: float, count: int = 6) -> list[float]:
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = []
-    for exponent in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        for mult in (1, 2, 5):
-            value = mult * 10**exponent
-            if lo <= value <= hi:
-                ticks.append(value)
+    """1-2-5 ticks per decade; every integer multiple when that leaves fewer than four."""
+    for mults in ((1, 2, 5), range(1, 10)):
+        ticks = [m * 10**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in mults if lo <= m * 10**e <= hi]
+        if len(ticks) >= 4:
+            break
     return ticks
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str = "",
+def line_chart(series: dict[str, list[tuple]], x_label: str, y_label: str, title: str = "",
                log_y: bool = False, markers_only: set[str] | None = None) -> str:
-    """SVG of one polyline with markers per series (points sorted by x); ``markers_only`` names series
-    drawn without the connecting line."""
-    points = [p for pts in series.values() for p in pts]
+    """SVG of one polyline with markers per series (points ``(x, y)`` or ``(x, y, label)``, sorted by x);
+    ``markers_only`` names series drawn without the connecting line; labelled points get their text."""
+    points = [p[:2] for pts in series.values() for p in pts]
     if not points:
         raise ValueError("nothing to plot")
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -82,17 +82,27 @@ def line_chart(series: dict[str, list[tuple[float, float]]], x_label: str, y_lab
     out.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 15}" text-anchor="middle">{escape(x_label)}</text>')
     out.append(f'<text transform="translate(20 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
                f'{escape(y_label + (" (log scale)" if log_y else ""))}</text>')
+    labels: list[tuple[float, float, str]] = []
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts)
+        pts = sorted(pts, key=lambda p: p[:2])
         if len(pts) > 1 and name not in (markers_only or set()):
-            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            path = " ".join(f"{px(p[0]):.1f},{py(p[1]):.1f}" for p in pts)
             out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for x, y in pts:
+        for p in pts:
+            x, y = p[:2]
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{colour}"><title>{escape(name)}: '
                        f'{x:.3g}, {y:.4g}</title></circle>')
+            if len(p) > 2:
+                labels.append((py(y) + 4, px(x) + 7, p[2]))
         ly = TOP + 10 + i * 20
         out.append(f'<circle cx="{LEFT + plot_w + 20}" cy="{ly}" r="5" fill="{colour}"/>')
         out.append(f'<text x="{LEFT + plot_w + 32}" y="{ly + 4}">{escape(name)}</text>')
+    placed: list[tuple[float, float]] = []
+    for y, x, text in sorted(labels):  # top to bottom; push a label down while it would overlap one placed
+        while any(abs(y - py_) < 11 and abs(x - px_) < 160 for py_, px_ in placed):
+            y += 11
+        placed.append((y, x))
+        out.append(f'<text x="{x:.1f}" y="{y:.1f}" font-size="10" fill="#333">{escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
