@@ -110,11 +110,8 @@ def model_card(description: dict, note: str = "") -> str:
     d = description
     p = d.get("parameters", {})
     training = d.get("training")
-    if training:
-        trained = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in training.items())
-        trained = f"<ul>{trained}</ul>"
-    else:
-        trained = "<p>Not trained: a direct conversion of the pretrained model.</p>"
+    trained = training_table(training) if training else \
+        "<p>Not trained: a direct conversion of the pretrained model.</p>"
     rows = [
         ("model", d.get("name")), ("base", d.get("base_model")), ("sharing scheme", d.get("sharing")),
         ("loops", d.get("num_loops")), ("unique layers in the looped block", d.get("block_size")),
@@ -130,6 +127,31 @@ def model_card(description: dict, note: str = "") -> str:
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
     return f"<div class='model-card'>{note_html}<table>{table}</table><h4>How it was trained</h4>{trained}</div>"
+
+
+def training_table(training: dict) -> str:
+    """A checkpoint's provenance (``config.training``) as one row per stage, then each stage's command."""
+    stages = training.get("stages") or []
+    head = ("<tr><th>stage</th><th>tokens</th><th>steps</th><th>device</th><th>wall</th>"
+            "<th>validation PPL per loop</th><th>agreement per loop</th></tr>")
+    rows, commands = [], []
+    for s in stages:
+        val = s.get("val") or {}
+        ppl = " / ".join(f"{x:.3g}" for x in val.get("ppl", [])) or "–"
+        agree = " / ".join(f"{x:.2f}" for x in val.get("agreement", [])) or "–"
+        rows.append(f"<tr><td>{html.escape(str(s.get('stage', '?')))}</td><td>{s.get('tokens_seen', 0):,}</td>"
+                    f"<td>{s.get('steps', '–')}</td><td>{html.escape(str(s.get('device', 'CPU')))}</td>"
+                    f"<td>{s.get('wall_seconds', '–')} s</td><td>{ppl}</td><td>{agree}</td></tr>")
+        for command in s.get("commands") or [s.get("command", "")]:
+            commands.append(f"<li><code>{html.escape(command)}</code></li>")
+    extra = ""
+    check = training.get("artifact")
+    if check:
+        extra = (f"<p>Committed artifact: {check.get('bytes', 0) / 1e6:.1f} MB"
+                 f"{' (int8 LoRA)' if check.get('int8') else ''}; validation PPL on its {check.get('rows')} check rows "
+                 f"{check.get('ppl_rebuilt', 0):.2f} as rebuilt vs {check.get('ppl_fp32', 0):.2f} before export.</p>")
+    return (f"<table>{head}{''.join(rows)}</table>{extra}"
+            f"<details><summary>Commands</summary><ul>{''.join(commands)}</ul></details>")
 
 
 def layout_diagram(description: dict) -> str:
