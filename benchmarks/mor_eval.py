@@ -49,10 +49,13 @@ def pareto_svg(runs: dict[str, list[dict]], title: str) -> str:
 
     series: dict[str, list[tuple[float, float]]] = {}
     for run, summary in runs.items():
+        families: dict[str, list[tuple[float, float]]] = {}
         for row in summary:
-            family = row["policy"].split()[0]
-            key = f"{run}: {family}" if run else family
-            series.setdefault(key, []).append((row["avg_depth"], row["perplexity"]))
+            families.setdefault(row["policy"].split()[0], []).append((row["avg_depth"], row["perplexity"]))
+        for family, points in families.items():
+            if any(sorted(points) == sorted(other) for other in series.values()):
+                continue  # the same block under another router: its non-router policies are identical
+            series[f"{run}: {family}" if run and len(runs) > 1 and family == "router" else family] = points
     return line_chart(series, "average loops per token (block compute)", "held-out perplexity", log_y=True,
                       title=f"Quality vs compute per depth policy ({title})")
 
