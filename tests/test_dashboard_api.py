@@ -114,8 +114,26 @@ def test_loading_an_unknown_model_is_a_clear_error(app):
         client.predict("/no/such/checkpoint", api_name="/load_model")
 
 
-def test_a_client_that_goes_away_stops_its_generation(app):
+class SlowStream:
+    """The service's real stream, 20 ms per token slower: a 256-token answer then takes > 5 s, so the
+    cancel below always arrives mid-generation (the tiny model alone can finish before it does)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        for step in self.inner:
+            time.sleep(0.02)
+            yield step
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_client_that_goes_away_stops_its_generation(app, monkeypatch):
     service, client = app
+    real_start = service.start
+    monkeypatch.setattr(service, "start", lambda *a, **k: SlowStream(real_start(*a, **k)))
     before = service.generations_started
     job = client.submit(*live_args(max_new_v=256, policy_v="fixed", depth_v=3), api_name="/generate")
     deadline = time.time() + 60
