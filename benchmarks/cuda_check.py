@@ -24,21 +24,17 @@ from model.engine import generate  # noqa: E402
 from model.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402
 from model.recursify import recursify  # noqa: E402
 from model.routers import add_routers  # noqa: E402
+from model.train import add_halting_heads  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "1, 2, 3, 4,"]
 
 
 def build(tokenizer):
+    """(tiny recursive model with halting heads, the same with expert-choice routers)."""
     torch.manual_seed(0)
     rec = recursify(tiny_llama(vocab=len(tokenizer)), num_loops=3, lora_rank=4)
-    config = rec.config.__class__.from_dict({**rec.config.to_dict(), "halting_hidden": 8})
-    from model.modeling import RecursiveForCausalLM
-
-    with_heads = RecursiveForCausalLM(config)
-    with_heads.load_state_dict(rec.state_dict(), strict=False)
-    with_heads.tie_weights()
-    return with_heads.eval(), add_routers(rec, "expert").eval()
+    return add_halting_heads(rec, 8).eval(), add_routers(rec, "expert").eval()
 
 
 def main(argv: list[str] | None = None) -> int:

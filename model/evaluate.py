@@ -222,17 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    from .checkpoint import load_model
+    from .checkpoint import default_device, load_model
     from .data import heldout_names, load_split
 
     torch.set_num_threads(args.threads)
     started = time.time()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    teacher = load_model(args.teacher)[0].to(device)
-    entries = [load_entry(spec, teacher, args.teacher) for spec in [args.model, *args.compare]]
-    for entry in entries:
-        entry.model.to(device)
+    device = torch.device(default_device() if args.device == "auto" else args.device)
+    teacher = load_model(args.teacher)[0]
+    entries = [load_entry(spec, teacher, args.teacher) for spec in [args.model, *args.compare]]  # built on the CPU
+    for model in [teacher, *(e.model for e in entries)]:
+        model.to(device)
     sets = args.sets or heldout_names()
     rows_per_set = max(1, args.max_tokens // args.seq_len)
     results = {"command": "python -m model.evaluate " + " ".join(argv),

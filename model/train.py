@@ -326,6 +326,7 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         random.setstate(saved["rng"]["python"])
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -343,7 +344,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     def checkpoint(final: bool = False) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unwrapped.config.training = _provenance(unwrapped.config.training, args, command, progress, final)
+            unwrapped.config.training = _provenance(unwrapped.config.training, args, command, progress, final,
+                                                    device_name)
             save_run_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, progress)
             log.info("checkpoint at step %d (%d tokens) -> %s", progress.step, progress.tokens_seen, out / CHECKPOINT)
 
@@ -445,7 +447,8 @@ def _batches(iter_batches, args, progress: Progress, world: int, rank: int):
         progress.row = 0
 
 
-def _provenance(previous: dict | None, args, command: str, progress: Progress, final: bool) -> dict:
+def _provenance(previous: dict | None, args, command: str, progress: Progress, final: bool,
+                device_name: str = "CPU") -> dict:
     """``config.training``: every stage's command, data, tokens, seed and last validation."""
     stages = list((previous or {}).get("stages", []))
     record = {
@@ -454,7 +457,7 @@ def _provenance(previous: dict | None, args, command: str, progress: Progress, f
                  "epoch": progress.epoch, "rows_consumed": progress.row},
         "tokens_seen": progress.tokens_seen, "steps": progress.step, "seed": args.seed,
         "wall_seconds": round(progress.wall_seconds),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+        "device": device_name,
         "val": progress.history[-1] if progress.history else None,
         "val_rows": args.val_rows,
     }
