@@ -30,17 +30,19 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+import secrets
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import BATCH_KV_MODES, STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
-from .engine import EngineInputError, Sampling, as_recursive
+from .engine import MAX_SEED, EngineInputError, Sampling, as_recursive, encode_chat
 from .policies import POLICIES, make_policy
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class ServerLimits:
     max_stop: int = 4  # stop strings per request
     max_messages: int = 64
     max_prompt_tokens: int | None = None  # default: the model's context minus max_tokens
+    max_body_bytes: int = 1_000_000  # a request body beyond this gets 413 before it is read whole
+    retry_after_s: int = 1  # the Retry-After header of a 429
 
 
 class APIError(Exception):
@@ -70,33 +74,36 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-# --- request bodies (pydantic: wrong types -> 422) ----------------------------------------------------
+# --- request bodies (pydantic, strict types: "5" or true for an integer -> 422) -------------------------
+Number = Annotated[float, Field(strict=True)]  # an int or a float, never a string or a bool
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, not refused
 
     model: str
-    max_tokens: int | None = Field(default=None)
-    max_completion_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    n: StrictInt = 1
+    stream: StrictBool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: StrictInt | None = None  # none: a fresh random seed, reported in the reply
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
     logprobs: Any = None
     # extensions
-    repetition_penalty: float = 1.0
+    repetition_penalty: Number = 1.0
     policy: str | None = None
-    threshold: float | None = None
-    depth: int | None = None
+    threshold: Number | None = None
+    depth: StrictInt | None = None
     kv_mode: str | None = None
 
 
 class CompletionBody(_Common):
     prompt: str | list[str]
-    echo: bool = False
+    echo: StrictBool = False
 
 
 class ChatMessage(BaseModel):
@@ -139,20 +146,95 @@ class StopTrimmer:
         return min(found) if found else None
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, by its Content-Length before it is
+    read, or as soon as the bytes received pass the limit (chunked uploads)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            response = error_response(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, f"the request body is over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   retry_after_s: int | None = None) -> JSONResponse:
+    """An error in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``)."""
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+            413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(status,
+                                                                                                    "server_error")
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
+def check_text(text: str, param: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param} is not valid Unicode: {exc.reason} at character {exc.start}", param,
+                       "invalid_unicode") from exc
+
+
 def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerLimits | None = None,
-               default_policy: dict | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
-    """The FastAPI app around a started ``EngineWorker`` (tests build it in-process)."""
+               default_policy: dict | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
+               watchdog_s: float | None = 1.0) -> FastAPI:
+    """The FastAPI app around a started ``EngineWorker`` (tests build it in-process).
+
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <key>`` (else 401).
+    ``watchdog_s``: how often a background task checks the engine thread and restarts it if it died
+    (``None``: never; ``/health`` then answers 503 until ``worker.restart()``).
+    """
     limits = limits or ServerLimits()
     default_policy = default_policy or {"policy": "fixed", "depth": worker.engine.cfg.num_loops}
     names = {model_name, *aliases}
     cfg = worker.engine.cfg
-    app = FastAPI(title="Adaptive-Depth Lab: OpenAI-compatible server", docs_url=None, redoc_url=None)
+
+    async def watchdog():
+        while True:
+            await asyncio.sleep(watchdog_s)
+            if not worker.healthy:
+                log.error("the engine thread died; restarting it (requests in flight failed)")
+                worker.restart()
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(watchdog()) if watchdog_s else None
+        yield
+        if task is not None:
+            task.cancel()
+
+    def require_key(http: HTTPRequest) -> None:
+        if api_key is None or not http.url.path.startswith("/v1"):
+            return
+        given = http.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    app = FastAPI(title="Adaptive-Depth Lab: OpenAI-compatible server", docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan, dependencies=[Depends(require_key)])
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     created = int(time.time())
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-        kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
-                429: "rate_limit_error"}.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+        return error_response(status, message, param, code, limits.retry_after_s if status in (429, 503) else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
@@ -175,8 +257,10 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "strategy": worker.engine.strategy,
-                "pending": worker.pending, "max_pending": worker.max_pending, "loops": cfg.num_loops}
+        body = {"status": "ok" if worker.healthy else "engine thread not running", "model": model_name,
+                "strategy": worker.engine.strategy, "pending": worker.pending, "max_pending": worker.max_pending,
+                "loops": cfg.num_loops, "failed_requests": worker.failures}
+        return JSONResponse(body, 200 if worker.healthy else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -188,7 +272,7 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         if body.model not in names:
             raise APIError(404, f"unknown model {body.model!r}; this server serves {sorted(names)}", "model",
                            "model_not_found")
-        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), 16)
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be in 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
         if body.n != 1:
@@ -201,6 +285,8 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > limits.max_stop or any(not s for s in stops):
             raise APIError(400, f"stop: at most {limits.max_stop} non-empty strings", "stop")
+        for stop in stops:
+            check_text(stop, "stop")
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", "prompt")
         limit = limits.max_prompt_tokens or cfg.max_position_embeddings - max_tokens
@@ -222,7 +308,7 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         try:
             policy = make_policy(spec["policy"], spec.get("threshold"), spec.get("depth"))
             sampling = Sampling(body.temperature, body.top_p, body.repetition_penalty,
-                                body.seed if body.seed is not None else 0)
+                                body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1))
             sampling.validate()
         except (ValueError, EngineInputError) as exc:
             raise APIError(400, str(exc)) from exc
@@ -231,11 +317,13 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
                        request_id=f"{uuid.uuid4().hex[:24]}")
 
     def encode(text: str, param: str) -> list[int]:
+        """A completion prompt is the model's raw input: special tokens written in it are parsed."""
         if not text.strip():
             raise APIError(400, f"{param} is empty", param)
         if len(text) > limits.max_prompt_chars:
             raise APIError(400, f"{param} has {len(text)} characters; at most {limits.max_prompt_chars}", param,
                            "context_length_exceeded")
+        check_text(text, param)
         return tokenizer(text).input_ids
 
     @app.post("/v1/completions")
@@ -260,9 +348,10 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         if total > limits.max_prompt_chars:
             raise APIError(400, f"messages have {total} characters; at most {limits.max_prompt_chars}", "messages",
                            "context_length_exceeded")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        for i, message in enumerate(body.messages):
+            check_text(message.content, f"messages.{i}.content")
+        # control tokens only from the template: a "<|im_start|>" typed in a message stays text
+        ids = encode_chat(tokenizer, [m.model_dump() for m in body.messages])
         request = build(body, ids, body.messages[-1].content)
         return await respond(request, body, http, chat=True)
 
@@ -270,6 +359,8 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        if not worker.healthy:
+            raise APIError(503, "the engine is restarting; retry shortly", code="engine_unavailable")
         try:
             rid = worker.submit(request)
         except EngineFullError as exc:
@@ -277,14 +368,16 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         except EngineInputError as exc:
             raise APIError(400, str(exc)) from exc
         obj_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        seed = request.sampling.seed
         if body.stream:
             return StreamingResponse(sse(rid, obj_id, events, request, chat, http), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         trimmer = StopTrimmer(request.stop)
         depths, reasons, pieces = [], [], []
+        watcher = asyncio.create_task(cancel_on_disconnect(http, rid))
         try:
             while True:
-                event = await next_event(events, http, rid)
+                event = await events.get()
                 if event.step is not None:
                     pieces.append(trimmer.feed(event.step.text))
                     depths.append(event.step.depth)
@@ -292,7 +385,8 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
                 if event.finished:
                     break
         finally:
-            worker.cancel(rid)  # no-op once finished; cancels on client disconnect or server error
+            watcher.cancel()
+            worker.cancel(rid)  # no-op once finished; cancels on server error
         if event.finish_reason == "error":
             raise APIError(500, "the engine failed on this request; see the server log")
         text = "".join(pieces) + trimmer.finish()
@@ -304,19 +398,16 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         else:
             choice["text"] = text
         return {"id": obj_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": [choice],
+                "model": model_name, "seed": seed, "choices": [choice],
                 "usage": {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(depths),
                           "total_tokens": len(request.prompt_ids) + len(depths)}}
 
-    async def next_event(events: asyncio.Queue, http: HTTPRequest, rid: str) -> RequestEvent:
-        """The request's next event; raises ``asyncio.CancelledError`` if the client went away."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    log.info("client of %s disconnected: cancelling", rid)
-                    raise asyncio.CancelledError
+    async def cancel_on_disconnect(http: HTTPRequest, rid: str) -> None:
+        """Wait for the client to go away, then cancel its request (the engine drops it at its next step)."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        log.info("client of %s disconnected: cancelling", rid)
+        worker.cancel(rid)
 
     async def sse(rid, obj_id, events, request: Request, chat: bool, http: HTTPRequest):
         created_s = int(time.time())
@@ -332,12 +423,13 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
                 choice["text"] = text or ""
                 choice["logprobs"] = None
             return "data: " + json.dumps({"id": obj_id, "object": kind, "created": created_s, "model": model_name,
-                                          "choices": [choice]}) + "\n\n"
+                                          "seed": request.sampling.seed, "choices": [choice]}) + "\n\n"
 
+        watcher = asyncio.create_task(cancel_on_disconnect(http, rid))
         try:
             first = True
             while True:
-                event = await next_event(events, http, rid)
+                event = await events.get()
                 if event.step is not None:
                     yield chunk(trimmer.feed(event.step.text), None,
                                 {"depth": event.step.depth, "exit_reason": event.step.exit_reason,
@@ -355,6 +447,7 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
                 yield chunk(None, FINISH.get(event.finish_reason, "stop"))
             yield "data: [DONE]\n\n"
         finally:
+            watcher.cancel()
             worker.cancel(rid)  # client gone (generator closed) or finished: both fine
 
     return app
@@ -416,6 +509,10 @@ def main(argv: list[str] | None = None) -> None:
     # http
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LAB_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $LAB_API_KEY; none: open)")
+    parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                        help="larger request bodies get 413")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
@@ -438,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                              "halting" if model.has_halting_heads else "fixed")
     spec = {"policy": policy, "threshold": args.threshold, "depth": model.config.num_loops, "kv_mode": args.kv_mode}
     worker = EngineWorker(engine).start()
-    app = create_app(worker, tokenizer, name, ServerLimits(max_tokens=args.max_tokens), spec)
+    limits = ServerLimits(max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+    app = create_app(worker, tokenizer, name, limits, spec, api_key=args.api_key)
     log.info("serving %s (%d loops, strategy %s, policy %s) on http://%s:%d/v1", name, model.config.num_loops,
              args.strategy, policy, args.host, args.port)
     try:

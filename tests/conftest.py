@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import random
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -22,6 +25,24 @@ def tiny_llama(layers: int = 6, vocab: int = 256, seed: int = 0, **overrides) ->
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
     return model
+
+
+def serve_in_thread(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a daemon thread: ``(server, thread, url)``;
+    stop it with ``server.should_exit = True; thread.join()``."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the test server did not start"
+    return server, thread, f"http://127.0.0.1:{port}"
 
 
 class RandomExits(DepthPolicy):

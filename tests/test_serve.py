@@ -3,44 +3,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from model import generate, recursify
 from model.batching import BatchEngine, EngineWorker, Request
 from model.policies import FixedDepth
 from model.serve import ServerLimits, StopTrimmer, create_app
-from tests.conftest import tiny_llama
+from tests.conftest import serve_in_thread as _serve, tiny_llama
 
 import openai  # noqa: E402  (pinned in requirements.txt)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the test server did not start"
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
