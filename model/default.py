@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import ModelLoadError, atomic_write_folder
+from .checkpoint import CHECKSUMS, ModelLoadError, atomic_write_folder, verify_checksums, write_checksums
 from .paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = ASSETS_DIR / "default"
-ARTIFACT_FILES = ("config.json", "conversion.json", "weights.safetensors")
+ARTIFACT_FILES = ("config.json", "conversion.json", "weights.safetensors")  # + SHA256SUMS, checked before use
 _SCALE_SUFFIX = ".int8_scale"
 
 
@@ -46,6 +46,15 @@ def _overlay_base(folder: Path) -> Path | None:
     return folder.parent / conversion["overlay_of"] if conversion.get("overlay_of") else None
 
 
+def _overlay_chain(folder: Path) -> list[Path]:
+    """The artifacts an overlay extends, nearest first."""
+    chain, base = [], _overlay_base(folder)
+    while base is not None:
+        chain.append(base)
+        base = _overlay_base(base)
+    return chain
+
+
 def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
     """Folder with the trained default as a loadable checkpoint (built from the artifact on first use)."""
     missing = [name for name in ARTIFACT_FILES if not (artifact / name).exists()]
@@ -55,6 +64,11 @@ def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
             "`python -m model.train uptrain ...` and export it (docs/TRAINING.md), or load the untrained "
             "conversion / the teacher 'smollm2-135m' instead"
         )
+    if not (artifact / CHECKSUMS).exists():
+        raise ModelLoadError(f"{artifact} has no {CHECKSUMS}; re-export it (`python -m model.default export`)")
+    verify_checksums(artifact)  # a truncated clone or an LFS pointer fails here, not as a strange model
+    for base in _overlay_chain(artifact):
+        verify_checksums(base)
     target = cache_dir("models") / f"default-{artifact_hash(artifact)}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
@@ -170,6 +184,7 @@ def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = Tr
     training["artifact"] = check
     config_dict["training"] = training
     (artifact / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
+    write_checksums(artifact)
     log.info("artifact %s: %s", artifact, check)
     return check
 
@@ -198,6 +213,7 @@ def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dic
     conversion = json.loads((base / "conversion.json").read_text())
     (target / "conversion.json").write_text(json.dumps({**conversion, "overlay_of": base.name}, indent=1) + "\n")
     (target / "config.json").write_text(json.dumps(trained.config.to_dict(), indent=1) + "\n")
+    write_checksums(target)
     log.info("overlay %s on %s: %d tensors (%s)", target, base, len(changed), sorted(changed)[:6])
     return {"tensors": sorted(changed), "bytes": (target / "weights.safetensors").stat().st_size}
 

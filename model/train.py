@@ -251,7 +251,10 @@ def save_run_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, progr
 
 
 def load_trainer_state(out: Path) -> dict | None:
-    path = out / CHECKPOINT / TRAINER_STATE
+    """The saved trainer state of a run, or None; a checkpoint swap cut short by a crash is undone first."""
+    from .checkpoint import recover_folder
+
+    path = recover_folder(out / CHECKPOINT) / TRAINER_STATE
     return torch.load(path, weights_only=False) if path.exists() else None
 
 
