@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,11 +85,32 @@ def _sweep_text() -> str:
     return path.read_text().strip() if path.exists() else ""
 
 
+KEEP_TRACES = 16  # trace files kept for download; older ones are deleted as new runs finish
+MAX_UPLOAD = "5mb"  # Gradio's upload endpoint refuses larger files (413)
+CACHE_CLEANUP = (600, 3600)  # every 10 min, Gradio deletes files it cached for this app over an hour ago
+
+
+def trace_dir() -> Path:
+    """This process's folder of downloadable trace files (under the system temp folder)."""
+    folder = Path(tempfile.gettempdir()) / f"adaptive-depth-lab-traces-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def _write_trace(trace: GenerationTrace) -> str:
-    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="trace-", delete=False)
+    """Write a run's trace JSON for the download button, keeping only the newest ``KEEP_TRACES`` files."""
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="trace-", delete=False, dir=trace_dir())
     with tmp:
         json.dump(trace.to_dict(), tmp, indent=1)
+    old = sorted(trace_dir().glob("trace-*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_TRACES]
+    for path in old:
+        path.unlink(missing_ok=True)
     return tmp.name
+
+
+def launch_options() -> dict:
+    """Keyword arguments of ``demo.launch`` that every way of serving the app shares."""
+    return dict(css=css(), show_error=True, max_file_size=MAX_UPLOAD)
 
 
 COMPARE_PRESETS = [
@@ -100,11 +122,18 @@ COMPARE_PRESETS = [
 ]
 
 
+def loop_slider_max(loops: int) -> int:
+    """A loop slider's maximum: Gradio refuses a slider whose minimum equals its maximum, so a 1-loop
+    model (a plain Llama) gets 2 and its settings' validation refuses depth 2 with a clear message."""
+    return max(2, loops)
+
+
 def build_app(service: ModelService) -> gr.Blocks:
     loaded = service.current
     loops = loaded.num_loops
+    top = loop_slider_max(loops)
     first_policy, first_threshold = loaded.suggested_policy()
-    with gr.Blocks(title="Adaptive-Depth Lab") as demo:
+    with gr.Blocks(title="Adaptive-Depth Lab", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         model_note = gr.Markdown(f"**Loaded:** {loaded.label}. {loaded.note}", elem_id="model-note")
         trace_state = gr.State(None)
@@ -130,8 +159,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         measure = gr.Dropdown(["max_prob", "top2_gap", "entropy"], value="max_prob",
                                               label="Confidence measure")
                         with gr.Row():
-                            depth = gr.Slider(1, loops, value=1, step=1, label="Fixed depth")
-                            max_loops = gr.Slider(1, loops, value=loops, step=1, label="Max loops")
+                            depth = gr.Slider(1, top, value=1, step=1, label="Fixed depth")
+                            max_loops = gr.Slider(1, top, value=loops, step=1, label="Max loops")
                         kv_mode = gr.Radio(KV_CHOICES, value="sync", label="KV for exited tokens",
                                            info="sync: FREE's exact parallel catch-up · copy: CALM's state copying")
                         with gr.Accordion("Decoding", open=False):
@@ -174,7 +203,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                             en = gr.Checkbox(value=preset["enabled"], label="enabled")
                             pol = gr.Dropdown(POLICY_CHOICES, value=preset["policy"], label="policy")
                             th = gr.Slider(-1.0, 1.0, value=preset["threshold"], step=0.01, label="threshold")
-                            dp = gr.Slider(1, loops, value=preset["depth"] or loops, step=1, label="fixed depth")
+                            dp = gr.Slider(1, top, value=min(preset["depth"] or loops, loops), step=1,
+                                           label="fixed depth")
                             col_inputs += [en, pol, th, dp]
                             col_texts.append(gr.HighlightedText(color_map=render.colour_map(loops), show_legend=False,
                                                                 show_inline_category=False, label="answer",
@@ -402,8 +432,9 @@ def build_app(service: ModelService) -> gr.Blocks:
             return (render.model_card(loaded_now.description, loaded_now.note),
                     render.layout_diagram(loaded_now.description),
                     f"**Loaded:** {loaded_now.label}. {loaded_now.note}", render.legend_html(n),
-                    gr.update(color_map=cmap, value=[]), gr.update(maximum=n, value=min(n, 1)),
-                    gr.update(maximum=n, value=n), gr.update(choices=service.choices(), value=loaded_now.label))
+                    gr.update(color_map=cmap, value=[]), gr.update(maximum=loop_slider_max(n), value=1),
+                    gr.update(maximum=loop_slider_max(n), value=n),
+                    gr.update(choices=service.choices(), value=loaded_now.label))
 
         load_btn.click(load_model_event, [picker],
                        [card, diagram, model_note, legend, tokens, depth, max_loops, picker],

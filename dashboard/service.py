@@ -3,10 +3,16 @@
 One ``ModelService`` per app. Models are loaded by label; conversions of the embedded base are built
 on demand and kept in memory (at most two). Every failure surfaces as ``ServiceError``/``SettingsError``
 with a message for the user.
+
+What a visitor may load: the built-in labels, and checkpoint folders under the checkpoint roots (the
+runs and cache folders by default). Anything else gets one message, whether it exists or not, so the
+picker is no probe of the server's files. On Hugging Face Spaces (``SPACE_ID`` set) local folders are
+off unless ``LAB_ALLOW_LOCAL_CHECKPOINTS=1`` (or ``app.py --allow-local-checkpoints``).
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +43,24 @@ BUILTIN_CONVERSIONS = {
 }
 
 
+NOT_ALLOWED = ("This model is not available here: pick one from the list (checkpoint folders load only from "
+               "the configured checkpoint roots).")
+
+
 class ServiceError(RuntimeError):
     """A user-facing failure (model cannot load, bad input)."""
+
+
+def default_checkpoint_roots() -> list[Path]:
+    """Where training runs land: ``runs/`` in the repo and the cache's ``runs/``."""
+    return [REPO_ROOT / "runs", cache_dir("runs")]
+
+
+def local_checkpoints_allowed() -> bool:
+    """Local folders are on, except on Spaces unless ``LAB_ALLOW_LOCAL_CHECKPOINTS=1``."""
+    if os.environ.get("LAB_ALLOW_LOCAL_CHECKPOINTS"):
+        return os.environ["LAB_ALLOW_LOCAL_CHECKPOINTS"] not in ("0", "false", "no")
+    return not os.environ.get("SPACE_ID")
 
 
 @dataclass
@@ -84,10 +106,10 @@ def _training_summary(training: dict | None) -> str:
             "the teacher and an exact conversion are in the Model tab.")
 
 
-def checkpoint_folders() -> list[Path]:
-    """Local recursive checkpoints: folders with a recursive_llama config.json under runs/ and the cache."""
+def checkpoint_folders(roots: list[Path]) -> list[Path]:
+    """Local recursive checkpoints: folders with a recursive_llama config.json under ``roots``."""
     found = []
-    for root in (REPO_ROOT / "runs", cache_dir("runs")):
+    for root in roots:
         if root.exists():
             for cfg in sorted(root.glob("**/config.json")):
                 if '"recursive_llama"' in cfg.read_text(errors="ignore") and any(cfg.parent.glob("*.safetensors")):
@@ -96,7 +118,10 @@ def checkpoint_folders() -> list[Path]:
 
 
 class ModelService:
-    def __init__(self, preload: Loaded | None = None, max_cached: int = 2):
+    def __init__(self, preload: Loaded | None = None, max_cached: int = 2,
+                 checkpoint_roots: list[Path] | None = None, allow_local: bool | None = None):
+        self.checkpoint_roots = [Path(r) for r in (checkpoint_roots or default_checkpoint_roots())]
+        self.allow_local = local_checkpoints_allowed() if allow_local is None else allow_local
         self._cache: dict[str, Loaded] = {}
         self._order: list[str] = []
         self.max_cached = max_cached
@@ -121,8 +146,20 @@ class ModelService:
         return cls(Loaded(label, model, tokenizer, "", describe_model(model, label)))
 
     def choices(self) -> list[str]:
-        labels = [TRAINED_DEFAULT, TRAINED_MOR, *BUILTIN_CONVERSIONS, *(str(p) for p in checkpoint_folders())]
-        return list(dict.fromkeys([*(self._order), *labels]))
+        local = [str(p) for p in checkpoint_folders(self.checkpoint_roots)] if self.allow_local else []
+        return list(dict.fromkeys([*(self._order), TRAINED_DEFAULT, TRAINED_MOR, *BUILTIN_CONVERSIONS, *local]))
+
+    def allowed_folder(self, label: str) -> Path | None:
+        """The checkpoint folder ``label`` names if a visitor may load it (under a root, symlinks
+        resolved), else None. Existence is checked only inside the roots, so refusals say nothing."""
+        if not self.allow_local or not label or "\x00" in label:
+            return None
+        try:
+            path = Path(label).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+        inside = any(path.is_relative_to(root.expanduser().resolve()) for root in self.checkpoint_roots)
+        return path if inside and (path / "config.json").is_file() else None
 
     def load_best(self) -> Loaded:
         """The trained default if it can be built, else the exact full-rank conversion."""
@@ -155,11 +192,11 @@ class ModelService:
             model = recursify(base, base_name="smollm2-135m", **BUILTIN_CONVERSIONS[label])
             note = ("Untrained conversion: early exits are poor until the model is trained; "
                     "intermediate loops disagree with the last one for most tokens.")
-        elif Path(label).is_dir():
-            model, tok = load_model(label)
+        elif (folder := self.allowed_folder(label)) is not None:
+            model, tok = load_model(folder)
             note = f"Checkpoint {label}"
         else:
-            raise ServiceError(f"unknown model {label!r}; pick one from the list")
+            raise ServiceError(NOT_ALLOWED)
         from model.engine import as_recursive
 
         model = as_recursive(model).to(default_device())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 
-from dashboard.app import build_app, css
+from dashboard.app import build_app, launch_options
 from dashboard.service import ModelService
 
 
@@ -18,8 +18,7 @@ def launch(service: ModelService):
     demo = build_app(service)
     demo.queue(default_concurrency_limit=1, max_size=32)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=css(),
-                show_error=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
     return demo, f"http://127.0.0.1:{port}/"
 
 

@@ -110,7 +110,7 @@ def test_sweep_returns_pareto_figures(app):
 
 def test_loading_an_unknown_model_is_a_clear_error(app):
     _, client = app
-    with pytest.raises(Exception, match="unknown model"):
+    with pytest.raises(Exception, match="not available here"):
         client.predict("/no/such/checkpoint", api_name="/load_model")
 
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -281,3 +282,211 @@ def test_the_optional_api_key(smol_tokenizer):
         assert httpx.get(s.url + "/health").status_code == 200  # load balancers probe without a key
     finally:
         _stop(s)
+
+
+# --- checkpoints: strict loading, checked artifacts, no window without a complete folder -----------------
+def _saved(tmp_path, name: str = "ck"):
+    from model import save_checkpoint
+
+    folder = tmp_path / name
+    save_checkpoint(recursify(tiny_llama(), num_loops=3, lora_rank=4), None, folder)
+    return folder
+
+
+def _rewrite_weights(folder, change) -> None:
+    """Replace the weights by ``change(state)``, dropping SHA256SUMS (as a hand-edited folder would)."""
+    from safetensors.torch import load_file, save_file
+
+    state = change(load_file(folder / "model.safetensors"))
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "SHA256SUMS").unlink()
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda st: dict(sorted(st.items())[: len(st) // 2]), "tensors missing"),
+    (lambda st: {"bogus": next(iter(st.values()))}, "unexpected tensors"),
+    (lambda st: {k: v.fill_(float("nan")) if i == 3 else v for i, (k, v) in enumerate(sorted(st.items()))}, "NaN"),
+])
+def test_broken_weights_raise_model_load_error(tmp_path, damage, words):
+    from model import ModelLoadError, load_model
+
+    folder = _saved(tmp_path)
+    _rewrite_weights(folder, damage)
+    with pytest.raises(ModelLoadError, match=words):
+        load_model(folder)
+
+
+def test_a_flipped_bit_fails_the_checksum(tmp_path):
+    from model import ModelLoadError, load_model
+
+    folder = _saved(tmp_path)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor: still a readable file, a different number
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="sha256"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", "null", "42", "\"recursive_llama\""])
+def test_a_config_that_is_not_an_object_raises_model_load_error(tmp_path, config):
+    from model import ModelLoadError, load_model
+
+    folder = _saved(tmp_path)
+    (folder / "config.json").write_text(config)
+    (folder / "SHA256SUMS").unlink()
+    with pytest.raises(ModelLoadError, match="not an object"):
+        load_model(folder)
+
+
+def test_the_default_artifact_is_checked_by_hash(tmp_path):
+    import shutil
+
+    from model import ModelLoadError
+    from model.default import ARTIFACT_DIR, default_folder
+
+    copy = tmp_path / "default"
+    shutil.copytree(ARTIFACT_DIR, copy)
+    with open(copy / "weights.safetensors", "r+b") as f:  # one flipped byte, e.g. a damaged clone
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ModelLoadError, match="sha256"):
+        default_folder(copy)
+    (copy / "SHA256SUMS").unlink()
+    with pytest.raises(ModelLoadError, match="SHA256SUMS"):
+        default_folder(copy)
+
+
+_KILL_BETWEEN_RENAMES = r"""
+import os, signal, sys
+import model.checkpoint as ck
+from model import load_tokenizer, recursify, save_checkpoint
+from tests.conftest import tiny_llama
+
+target, tok = sys.argv[1], load_tokenizer()
+save_checkpoint(recursify(tiny_llama(seed=1), num_loops=3, lora_rank=4), tok, target)   # the complete old one
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith(".previous"):   # the old folder was moved aside, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+ck.os.replace = replace
+save_checkpoint(recursify(tiny_llama(seed=2), num_loops=3, lora_rank=4), tok, target)
+"""
+
+
+def test_a_kill_between_the_renames_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from model import load_model
+    from model.paths import REPO_ROOT
+
+    target = tmp_path / "run" / "checkpoint"
+    proc = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, str(target)], cwd=REPO_ROOT,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == -9  # really killed mid-swap
+    assert not target.exists()  # the window: no checkpoint at the path
+    model, _ = load_model(target)  # the reader restores the previous complete one
+    old = recursify(tiny_llama(seed=1), num_loops=3, lora_rank=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), old.state_dict().values()))
+
+
+def test_resume_after_a_kill_between_the_renames_finds_the_saved_step(tmp_path):
+    from model.train import CHECKPOINT, TRAINER_STATE, load_trainer_state
+
+    run = tmp_path / "run"
+    (run / f".{CHECKPOINT}.previous").mkdir(parents=True)  # what the kill above leaves behind
+    import torch
+
+    torch.save({"progress": {"step": 7}}, run / f".{CHECKPOINT}.previous" / TRAINER_STATE)
+    assert load_trainer_state(run)["progress"]["step"] == 7
+    assert (run / CHECKPOINT / TRAINER_STATE).exists()
+
+
+# --- the public dashboard: nobody loads a model of their own, uploads and traces are bounded -------------
+@pytest.fixture(scope="module")
+def dashboard(smol_tokenizer, tmp_path_factory):
+    from gradio_client import Client
+
+    from dashboard.service import ModelService
+    from tests.dashboard_helpers import launch
+
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=3, lora_rank=4)
+    service = ModelService.from_model(rec, smol_tokenizer, "tiny random recursive model")
+    service.checkpoint_roots = [tmp_path_factory.mktemp("runs")]
+    demo, url = launch(service)
+    yield SimpleNamespace(service=service, client=Client(url, verbose=False), url=url)
+    demo.close()
+
+
+def _upload(url: str, files: dict[str, bytes]) -> httpx.Response:
+    return httpx.post(url + "gradio_api/upload", files=[("files", (name, data)) for name, data in files.items()],
+                      timeout=60)
+
+
+def test_uploaded_files_cannot_become_the_model(dashboard):
+    from tests.conftest import tiny_llama as _llama
+
+    config = json.dumps(_llama().config.to_dict()).encode()
+    first = _upload(dashboard.url, {"config.json": config})
+    assert first.status_code == 200
+    uploaded = Path(first.json()[0]).parent
+    index = json.dumps({"weight_map": {"model.embed_tokens.weight": "evil.safetensors"}}).encode()
+    _upload(dashboard.url, {"model.safetensors.index.json": index})
+    for folder in (str(uploaded), str(uploaded.parent), "/root", "/nonexistent", "/tmp", "../../etc", "\x00"):
+        with pytest.raises(Exception) as refused:
+            dashboard.client.predict(folder, api_name="/load_model")
+        assert "not available here" in str(refused.value)  # one message: no probe of the server's folders
+    assert dashboard.service.current.label == "tiny random recursive model"
+
+
+def test_checkpoint_folders_load_only_under_the_roots(dashboard, tmp_path, monkeypatch):
+    from model import save_checkpoint
+    from dashboard.service import ModelService
+
+    root = dashboard.service.checkpoint_roots[0]
+    save_checkpoint(recursify(tiny_llama(vocab=len(dashboard.service.current.tokenizer)), num_loops=2, lora_rank=4),
+                    dashboard.service.current.tokenizer, root / "run-a" / "checkpoint")
+    outside = tmp_path / "elsewhere"
+    save_checkpoint(recursify(tiny_llama(), num_loops=2, lora_rank=4), None, outside)
+    (root / "link").symlink_to(outside)  # a symlink out of the root does not count
+    service = ModelService(checkpoint_roots=[root], allow_local=True)
+    inside = str(root / "run-a" / "checkpoint")
+    assert service.choices()[-1] == inside and service.allowed_folder(str(root / "link")) is None
+    assert service.allowed_folder(str(outside)) is None
+    assert service.load(inside).num_loops == 2  # a real load
+    monkeypatch.setenv("SPACE_ID", "someone/lab")  # on Spaces: off unless enabled
+    monkeypatch.delenv("LAB_ALLOW_LOCAL_CHECKPOINTS", raising=False)
+    spaces = ModelService(checkpoint_roots=[root])
+    assert spaces.allowed_folder(inside) is None and inside not in spaces.choices()
+    monkeypatch.setenv("LAB_ALLOW_LOCAL_CHECKPOINTS", "1")
+    assert ModelService(checkpoint_roots=[root]).allowed_folder(inside) is not None
+
+
+def test_uploads_have_a_size_limit(dashboard):
+    r = _upload(dashboard.url, {"big.bin": b"\0" * (6 * 1024 * 1024)})
+    assert r.status_code == 413
+    assert _upload(dashboard.url, {"small.json": b"{}"}).status_code == 200
+
+
+def test_trace_files_are_cleaned_up(dashboard, monkeypatch):
+    import dashboard.app as app_module
+    from tests.dashboard_helpers import live_args
+
+    monkeypatch.setattr(app_module, "KEEP_TRACES", 2)
+    for _ in range(4):
+        dashboard.client.predict(*live_args(max_new_v=2), api_name="/generate")
+    assert len(list(app_module.trace_dir().glob("trace-*.json"))) <= 2
+
+
+def test_the_dashboard_builds_for_a_one_loop_model(smol_tokenizer):
+    from dashboard.app import build_app
+    from dashboard.service import ModelService
+
+    service = ModelService.from_model(tiny_llama(vocab=len(smol_tokenizer)), smol_tokenizer, "plain llama")
+    assert service.current.num_loops == 1
+    build_app(service)  # a 1..1 slider once crashed it at start-up
