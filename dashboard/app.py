@@ -17,7 +17,7 @@ from model.paths import ASSETS_DIR
 from model.trace import GenerationTrace
 
 from . import plots, render
-from .service import ModelService, ServiceError, batching_lab, can_share, start_shared
+from .service import ModelService, ServiceError, batching_lab, start_shared
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
@@ -146,9 +146,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         with gr.Row():
                             chat = gr.Checkbox(value=True, label="Chat template (instruct model)")
                             time_full = gr.Checkbox(value=False, label="Also time a full-depth run (wall-clock speedup)")
-                            shared = gr.Checkbox(value=False, label="Share batches with other users (CDB engine)",
-                                                 info="fixed/confidence/saturation/halting with sync/copy KV; "
-                                                      "solo runs also show the top-5 candidates at every loop")
+                            shared = gr.Checkbox(value=True, label="Share batches with other users (CDB engine)",
+                                                 info="every policy and KV mode; off: a solo run of this prompt")
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
@@ -268,14 +267,14 @@ def build_app(service: ModelService) -> gr.Blocks:
         @gpu
         @user_errors
         def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
-                     temp_v, top_p_v, rep_v, seed_v, time_full_v, shared_v=False):
+                     temp_v, top_p_v, rep_v, seed_v, time_full_v, shared_v=True):
             settings = Settings(policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v, temp_v,
                                 top_p_v, rep_v, seed_v if seed_v is not None else 0, chat_v)
             settings = settings.validated(service.current.num_loops)
             text, notice = service.prepare_prompt(prompt_v, chat_v)
             if notice:
                 gr.Warning(notice)
-            use_engine = bool(shared_v) and can_share(settings)
+            use_engine = bool(shared_v)
             with (contextlib.nullcontext() if use_engine else service.lock):
                 s = start_shared(service, text, settings) if use_engine else service.start(text, settings)
                 last_plot = 0.0
@@ -296,7 +295,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                     yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
                            "Timing the same prompt at full depth…", gr.skip())
                     full_settings = service.full_depth_settings(settings)
-                    full = (start_shared(service, text, full_settings) if use_engine
+                    full = (start_shared(service, text, full_settings, inspect=False) if use_engine
                             else service.start(text, full_settings, inspect=False))
                     for _ in full:
                         pass

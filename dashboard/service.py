@@ -26,9 +26,6 @@ from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, 
 
 from .settings import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, Settings
 
-BATCHABLE_POLICIES = ("fixed", "confidence", "saturation", "halting")  # what the batching engine runs
-BATCHABLE_KV = ("sync", "copy")
-
 log = logging.getLogger(__name__)
 
 TRAINED_DEFAULT = "Trained default (recursive SmolLM2)"
@@ -318,13 +315,9 @@ def _shared_worker(service: ModelService):
     return service._worker
 
 
-def can_share(settings: Settings) -> bool:
-    """Whether these settings run on the shared batching engine (else a solo stream)."""
-    return settings.policy in BATCHABLE_POLICIES and settings.kv_mode in BATCHABLE_KV
-
-
-def start_shared(service: ModelService, prompt: str, settings: Settings) -> SharedStream:
-    """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps."""
+def start_shared(service: ModelService, prompt: str, settings: Settings, inspect: bool = True) -> SharedStream:
+    """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps.
+    Every policy and KV mode runs there; ``inspect`` records the top-5 candidates at every loop."""
     from model.batching import EngineFullError, Request
     from model.engine import Sampling
     from model.trace import GenerationTrace
@@ -332,7 +325,7 @@ def start_shared(service: ModelService, prompt: str, settings: Settings) -> Shar
     loaded = service.current
     ids = encode_prompt(loaded.tokenizer, prompt, settings.chat)
     request = Request(prompt_ids=ids, max_new_tokens=settings.max_new_tokens, policy=service.policy_for(settings),
-                      kv_mode=settings.kv_mode, max_loops=settings.max_loops, prompt=prompt,
+                      kv_mode=settings.kv_mode, max_loops=settings.max_loops, prompt=prompt, inspect=inspect,
                       sampling=Sampling(settings.temperature, settings.top_p, settings.repetition_penalty, settings.seed))
     trace = GenerationTrace(prompt=prompt, prompt_tokens=len(ids),
                             settings={**request.policy.describe(), **settings.__dict__, "engine": "shared cdb"},
@@ -354,9 +347,6 @@ def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: flo
 
     if not strategies:
         raise ServiceError("Pick at least one strategy.")
-    if not can_share(settings):
-        raise ServiceError(f"The batching engine runs the policies {BATCHABLE_POLICIES} with KV {BATCHABLE_KV}; "
-                           "change the Live tab's policy or KV mode.")
     loaded = service.current
     rng = random.Random(seed)
     items, t = [], 0.0

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from model.engine import KV_MODES
 from model.policies import CONFIDENCE_MEASURES, make_policy
 
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024
 MAX_PROMPT_CHARS = 20_000
 POLICY_CHOICES = ["confidence", "saturation", "fixed", "halting", "adaptive", "router"]
-KV_CHOICES = ["sync", "copy", "recursion", "share"]
+KV_CHOICES = ["sync", *(m for m in KV_MODES if m != "sync")]  # sync first: the default
 
 
 class SettingsError(ValueError):

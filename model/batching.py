@@ -56,15 +56,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 from .compute import CostModel, add_into
 from .engine import (
+    KV_MODES,
     AdaptiveDecoder,
     EngineInputError,
     Sampling,
-    _choose,
-    _eos_ids,
-    _loop_signal,
-    _Waiting,
+    WaitingToken,
     as_recursive,
+    choose_token,
     describe_model,
+    eos_token_ids,
+    loop_signal,
 )
 from .config import PROJECTIONS
 from .modeling import RecursiveForCausalLM, causal_mask, projection_owner
@@ -76,7 +77,6 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("cdb", "ee_sequence", "csb", "static")
 FULL_DEPTH_STRATEGIES = ("csb", "static")  # these ignore the request's policy: every token runs all loops
 LOCKSTEP_STRATEGIES = ("ee_sequence", "csb", "static")  # next tokens enter only when the iteration ended
-BATCH_KV_MODES = ("sync", "copy")  # MoR's "recursion"/"share" are not batched yet (model.generate has them)
 
 
 class EngineFullError(RuntimeError):
@@ -92,8 +92,9 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int = 64
     policy: DepthPolicy | None = None
-    kv_mode: str = "sync"  # "sync" | "copy" (engine.KV_MODES)
+    kv_mode: str = "sync"  # one of engine.KV_MODES: "copy", "sync", "recursion", "share"
     max_loops: int | None = None
+    inspect: bool = False  # probe coda + head after every loop for the top-5 candidates (not charged as decision)
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)
     request_id: str | None = None  # assigned by the engine when None
@@ -297,8 +298,8 @@ class _Token:
     loop: int = 0  # loops done
     hidden: torch.Tensor | None = None  # (1, d) residual stream after ``loop`` loops
     entering: torch.Tensor | None = None  # (1, d) stream entering the last loop
-    rows: list[_Waiting] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
-    done_rows: list[_Waiting] = field(default_factory=list)  # rows that reached the last loop in it
+    rows: list[WaitingToken] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
+    done_rows: list[WaitingToken] = field(default_factory=list)  # rows that reached the last loop in it
     caught_up: set = field(default_factory=set)
     loops: list = field(default_factory=list)  # LoopSignal per loop
     flops: dict = field(default_factory=dict)
@@ -307,6 +308,7 @@ class _Token:
     halting: float | None = None
     router_logit: float | None = None  # expert-choice: the next recursion's router logit
     planned: int | None = None  # token-choice: the depth the router chose at entry
+    inspected: float = 0.0  # FLOPs of probes run only to show the candidates (``inspect``)
     stop: bool = False
     reason: str = ""
 
@@ -328,7 +330,7 @@ class RequestState:
                  submitted_s: float, model_desc: dict):
         self.request = request
         self.id = request.request_id
-        self.dec = AdaptiveDecoder(model, policy, request.kv_mode, request.max_loops)
+        self.dec = AdaptiveDecoder(model, policy, request.kv_mode, request.max_loops, request.inspect, tokenizer)
         self.tokenizer = tokenizer
         self.ids = list(request.prompt_ids)
         self.to_prefill = list(request.prompt_ids[:-1])
@@ -339,7 +341,7 @@ class RequestState:
         self.text_so_far = ""
         self.generator = torch.Generator().manual_seed(request.sampling.seed)
         self.processors = request.sampling.processors()
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.prefill_started_s: float | None = None
         self.submitted_s = submitted_s
         self.first_token_s: float | None = None
@@ -348,7 +350,8 @@ class RequestState:
         s = request.sampling
         settings = {**policy.describe(), "kv_mode": request.kv_mode, "max_loops": self.dec.max_loops,
                     "max_new_tokens": request.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                    "repetition_penalty": s.repetition_penalty, "seed": s.seed, "stop": list(request.stop)}
+                    "repetition_penalty": s.repetition_penalty, "seed": s.seed, "stop": list(request.stop),
+                    "inspect": request.inspect}
         self.trace = GenerationTrace(prompt=request.prompt, prompt_tokens=len(request.prompt_ids),
                                      settings=settings, model=model_desc)
         self.trace.prefill = {"tokens": len(self.to_prefill), "flops": 0.0, "wall_ms": 0.0}
@@ -524,9 +527,8 @@ class BatchEngine:
             raise EngineInputError(f"the prompt has {len(r.prompt_ids)} tokens; with max_new_tokens="
                                    f"{r.max_new_tokens} at most {limit - r.max_new_tokens} fit")
         r.sampling.validate()
-        if r.kv_mode not in BATCH_KV_MODES:
-            raise EngineInputError(f"kv_mode must be one of {BATCH_KV_MODES} in the batching engine, got "
-                                   f"{r.kv_mode!r} (the routed modes run through model.generate for now)")
+        if r.kv_mode not in KV_MODES:
+            raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {r.kv_mode!r}")
         if r.policy is not None and getattr(r.policy, "needs_router", False) and self.cfg.router_type is None:
             raise EngineInputError("the router policy needs a Mixture-of-Recursions model with trained routers")
         if r.policy is not None and r.policy.needs_halting and not self.model.has_halting_heads:
@@ -745,7 +747,7 @@ class BatchEngine:
                 headed.append(state)
             else:
                 tok.stop, tok.reason = policy.decide(self._observation(state))
-                if tok.stop:
+                if tok.stop or state.dec.inspect:
                     headed.append(state)
         if headed:
             segs = [Segment(s.token.hidden, [s.token.position], cfg.coda_positions, s.dec.cache) for s in headed]
@@ -758,14 +760,16 @@ class BatchEngine:
         exited = []
         for state in deciding:
             tok, dec = state.token, state.dec
+            probe_cost = sum(self.layer_costs(cfg.coda_positions, tok.position + 1).values()) + dec.costs.head()
             if dec.policy.needs_logits:
                 tok.probs = torch.softmax(tok.logits.float(), -1)
-                ctx = tok.position + 1
-                probe_cost = sum(self.layer_costs(cfg.coda_positions, ctx).values()) + dec.costs.head()
                 add_into(tok.flops, {"decision": probe_cost + dec.costs.softmax_signals()})
                 tok.stop, tok.reason = dec.policy.decide(self._observation(state))
-            tok.loops.append(_loop_signal(tok.loop, dec.policy, self._observation(state), tok.probs,
-                                          lambda probs: _top_tokens(self.tokenizer, probs)))
+            elif dec.inspect:  # candidates to show; the policy decided without them
+                tok.probs = torch.softmax(tok.logits.float(), -1)
+                tok.inspected += probe_cost
+            tok.loops.append(loop_signal(tok.loop, dec.policy, self._observation(state), tok.probs,
+                                          dec.top_tokens))
             if tok.stop:
                 exited.append(state)
             elif tok.logits is not None and cfg.num_coda:
@@ -794,14 +798,14 @@ class BatchEngine:
         add_into(tok.flops, self.layer_costs(cfg.coda_positions, ctx))
         add_into(tok.flops, {"head": dec.costs.head()})
         cos, sin = self.model.model.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
-        dec._store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
+        dec.store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
         if dec.waiting and dec.waiting[-1].position == tok.position:  # FREE calibration needs these
             dec.waiting[-1].exit_signal = tok.loops[-1].signal
             dec.waiting[-1].exit_argmax = int(tok.logits.argmax())
         if dec.calibration_flops:
             add_into(tok.flops, {"decision": dec.calibration_flops})
             dec.calibration_flops = 0.0
-        token = _choose(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
+        token = choose_token(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
                         state.generator)
         now = self.now()
         state.token = None
@@ -824,7 +828,7 @@ class BatchEngine:
                          signal_name=dec.policy.signal_name, threshold=dec.policy.threshold, loops=tok.loops,
                          flops=tok.flops, flops_full=self._full_token(dec.length), kv_entries=kv,
                          kv_entries_full=kv_full, caught_up=len(tok.caught_up),
-                         wall_ms=1000 * (now - tok.started_s))
+                         wall_ms=1000 * (now - tok.started_s), inspected_flops=tok.inspected)
         state.trace.steps.append(step)
         if state.request.on_event:
             state.request.on_event(RequestEvent(state.id, step=step))
@@ -870,12 +874,6 @@ class LayerCosts:
             self._cache[key] = (a, {k: b[k] - a[k] for k in a})
         a, slope = self._cache[key]
         return {k: a[k] + slope[k] * context for k in a}
-
-
-def _top_tokens(tokenizer, probs: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
-    top = torch.topk(probs, k)
-    return [(tokenizer.decode([int(i)]) if tokenizer is not None else str(int(i)), float(p))
-            for p, i in zip(top.values, top.indices)]
 
 
 # --- a background thread for servers and dashboards -------------------------------------------------

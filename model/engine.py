@@ -40,6 +40,8 @@ from .policies import DepthPolicy, FixedDepth, Observation
 from .routers import RecursionShareCache, share_slots
 from .trace import GenerationTrace, LoopSignal, TokenStep
 
+# The one list of KV modes. Both engines run every mode: solo decoding (``AdaptiveDecoder``, ``stream``) and
+# the batching engine (``model.batching.BatchEngine``, the server, the dashboard's shared engine).
 KV_MODES = ("copy", "sync", "recursion", "share")
 TOP_K_SHOWN = 5
 
@@ -82,7 +84,7 @@ class Sampling:
 
 
 @dataclass
-class _Waiting:
+class WaitingToken:
     """An exited token whose deeper loops are not computed yet ("sync" mode)."""
 
     position: int
@@ -138,7 +140,7 @@ class AdaptiveDecoder:
         self.costs = CostModel.from_model(model)
         self.cache = RecursionShareCache(share_slots(self.cfg)) if kv_mode == "share" else DynamicCache()
         self.length = 0  # tokens fed so far == next position
-        self.waiting: list[_Waiting] = []
+        self.waiting: list[WaitingToken] = []
         self.calibration_flops = 0.0  # FREE: heads run on caught-up tokens to label calibration pairs
         if hasattr(policy, "begin_sequence"):
             policy.begin_sequence()
@@ -210,7 +212,7 @@ class AdaptiveDecoder:
             if self.policy.decision_cost == "cosine" and loop < self.max_loops:
                 add_into(flops, {"decision": costs.cosine()})
             stop, reason = self.policy.decide(obs)
-            loops.append(_loop_signal(loop, self.policy, obs, probs, self._top_tokens))
+            loops.append(loop_signal(loop, self.policy, obs, probs, self.top_tokens))
             if stop:
                 break
             if logits is not None and cfg.num_coda:
@@ -222,7 +224,7 @@ class AdaptiveDecoder:
             flops["decision"] -= sum(costs.layers(cfg.coda_positions, ctx).values()) + costs.head()
         add_into(flops, costs.layers(cfg.coda_positions, ctx))
         add_into(flops, {"head": costs.head()})
-        self._store_deeper_kv(h, pos, depth, rope, flops)
+        self.store_deeper_kv(h, pos, depth, rope, flops)
         if self.waiting and self.waiting[-1].position == pos:
             self.waiting[-1].exit_signal = loops[-1].signal
             self.waiting[-1].exit_argmax = int(logits.argmax())
@@ -239,7 +241,7 @@ class AdaptiveDecoder:
         x = self._advance(rows, loop, current=(h, pos))
         return x[:, -1:], [w.position for w in rows]
 
-    def _advance(self, rows: list[_Waiting], loop: int, current=None) -> torch.Tensor:
+    def _advance(self, rows: list[WaitingToken], loop: int, current=None) -> torch.Tensor:
         """Run loop ``loop`` on waiting ``rows`` (+ the current token) in one batched, causal call.
 
         Rows that reach the last loop also get their coda KV recomputed from the full-depth state
@@ -282,12 +284,12 @@ class AdaptiveDecoder:
         for p in self.cfg.coda_positions:
             self.cache.layers[p].crop(-1)
 
-    def _store_deeper_kv(self, h: torch.Tensor, pos: int, depth: int, rope, flops: dict) -> None:
+    def store_deeper_kv(self, h: torch.Tensor, pos: int, depth: int, rope, flops: dict) -> None:
         """Give the loops this token skipped their KV: now (copy) or later (sync)."""
         if depth >= self.cfg.num_loops or self.kv_mode in ("recursion", "share"):
             return  # routed KV modes: deeper loops simply hold no entry for this token
         if self.kv_mode == "sync":
-            self.waiting.append(_Waiting(pos, h, depth))
+            self.waiting.append(WaitingToken(pos, h, depth))
             return
         for loop in range(depth + 1, self.cfg.num_loops + 1):
             for p in self.cfg.loop_positions(loop):
@@ -320,14 +322,15 @@ class AdaptiveDecoder:
                    if p not in getattr(self.cache, "slot_of", {}))
         return held, self.length * self.cfg.num_hidden_layers
 
-    def _top_tokens(self, probs: torch.Tensor) -> list[tuple[str, float]]:
+    def top_tokens(self, probs: torch.Tensor) -> list[tuple[str, float]]:
         """Top-5 (text, probability); token ids as text when the decoder has no tokenizer."""
         top = torch.topk(probs, TOP_K_SHOWN)
         text = (lambda i: self.tokenizer.decode([i])) if self.tokenizer is not None else str
         return [(text(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
 
 
-def _loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_tokens) -> LoopSignal:
+def loop_signal(loop: int, policy: DepthPolicy, obs: Observation, probs, top_tokens) -> LoopSignal:
+    """What a trace records about one loop of one token: the policy's signal, softmax signals, top-5."""
     soft = obs.softmax_signals()
     return LoopSignal(
         loop=loop,
@@ -429,7 +432,7 @@ class Stream:
         self.decoder = AdaptiveDecoder(model, policy, kv_mode, max_loops, inspect, tokenizer)
         self.max_new_tokens = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         settings = {**policy.describe(), "kv_mode": kv_mode, "max_loops": self.decoder.max_loops,
                     "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                     "repetition_penalty": repetition_penalty, "seed": seed, "chat": chat,
@@ -466,7 +469,7 @@ class Stream:
         for index in range(self.max_new_tokens):
             t0 = time.perf_counter()
             result = dec.step(ids[-1])
-            token = _choose(result.logits, ids, processors, self.sampling.temperature, generator)
+            token = choose_token(result.logits, ids, processors, self.sampling.temperature, generator)
             wall_ms = 1000 * (time.perf_counter() - t0)
             if token in self.eos_ids:
                 trace.finish_reason = "eos"
@@ -504,7 +507,8 @@ def generate(model, tokenizer, prompt: str, policy: DepthPolicy | None = None, *
     return s.trace
 
 
-def _choose(logits: torch.Tensor, ids: list[int], processors, temperature: float, generator) -> int:
+def choose_token(logits: torch.Tensor, ids: list[int], processors, temperature: float, generator) -> int:
+    """The next token: processors (repetition penalty, temperature, top-p), then argmax or a seeded draw."""
     scores = processors(torch.tensor([ids]), logits.float()[None])
     if temperature == 0:
         return int(scores.argmax(-1))
@@ -512,7 +516,8 @@ def _choose(logits: torch.Tensor, ids: list[int], processors, temperature: float
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a generation (the tokenizer's and the config's)."""
     ids = set()
     for value in (getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id):
         if isinstance(value, int):

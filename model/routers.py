@@ -121,8 +121,7 @@ def routed_forward(model, input_ids: torch.Tensor, depths: torch.Tensor, kv_mode
         x = h[:, active]
         sub_rope = inner.rope(x, pos[:, active])
         if kv_mode == "share":  # queries: active tokens; keys: loop-1 KV of all tokens <= the query
-            allowed = pos[0][None, :] <= active[:, None]
-            mask = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill(~allowed, torch.finfo(h.dtype).min)
+            mask = share_mask(pos[0], active, h.dtype)
             x = inner.run_positions(x, cfg.loop_positions(r), sub_rope, mask[None, None], cache)
         else:
             x = inner.run_positions(x, cfg.loop_positions(r), sub_rope)
@@ -130,6 +129,14 @@ def routed_forward(model, input_ids: torch.Tensor, depths: torch.Tensor, kv_mode
         h[:, active] = x
     h = inner.run_positions(h, cfg.coda_positions, rope)
     return model.lm_head(inner.norm(h))
+
+
+def share_mask(positions: torch.Tensor, active: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (len(active), len(positions)): a query at position ``active[i]`` sees every token at
+    or before it; on the device of ``positions`` (the tokens' device, so it works on CUDA too)."""
+    allowed = positions[None, :] <= active[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(~allowed,
+                                                                                        torch.finfo(dtype).min)
 
 
 def expert_choice_forward(model, input_ids: torch.Tensor, capacity: list[float], aux_coeff: float = 1e-3) -> RoutedOutput:
@@ -178,7 +185,7 @@ def token_choice_forward(model, input_ids: torch.Tensor, balance_coeff: float = 
     processed per sample). Balancing loss ``N_r Σ_i P_i f_i``, z-loss, MaxVio in the stats."""
     inner, cfg = model.model, model.config
     R = cfg.num_loops
-    outs, depths_all, probs_all = [], [], []
+    outs, depths_all, probs_all, z_all = [], [], [], []
     for b in range(input_ids.shape[0]):
         ids = input_ids[b : b + 1]
         T = ids.shape[1]
@@ -204,7 +211,8 @@ def token_choice_forward(model, input_ids: torch.Tensor, balance_coeff: float = 
         outs.append(model.lm_head(inner.norm(h)))
         depths_all.append(depth)
         probs_all.append(probs)
-        z = torch.logsumexp(logits.float(), -1).pow(2).mean()
+        z_all.append(torch.logsumexp(logits.float(), -1).pow(2))  # (T,) per sample
+    z = torch.cat(z_all).mean()  # over every token of every sample
     probs = torch.cat(probs_all)
     depths = torch.stack(depths_all)
     load = torch.stack([(depths == d).float().mean() for d in range(1, R + 1)])

@@ -12,7 +12,7 @@ Endpoints (FastAPI + uvicorn, the stack gradio already brings):
 Every streamed chunk carries the token's loop depth in the extension fields ``depth`` and
 ``exit_reason`` of its choice; non-streamed replies carry ``depths``. Extension request fields:
 ``policy`` ("fixed" | "confidence" | "saturation" | "halting"), ``threshold``, ``depth`` (fixed),
-``kv_mode`` ("sync" | "copy"), ``repetition_penalty``.
+``kv_mode`` ("sync" | "copy" | "recursion" | "share"), ``repetition_penalty``.
 
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 bad
 input (empty or over-long prompt, parameters out of range), 404 unknown model or route, 422
@@ -41,8 +41,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import BATCH_KV_MODES, STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
-from .engine import MAX_SEED, EngineInputError, Sampling, as_recursive, encode_chat
+from .batching import STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
+from .engine import KV_MODES, MAX_SEED, EngineInputError, Sampling, as_recursive, encode_chat
 from .policies import POLICIES, make_policy
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,8 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
         if body.depth is not None:
             spec["depth"] = body.depth
         kv_mode = body.kv_mode or default_policy.get("kv_mode", "sync")
-        if kv_mode not in BATCH_KV_MODES:
-            raise APIError(400, f"kv_mode must be one of {BATCH_KV_MODES}", "kv_mode")
+        if kv_mode not in KV_MODES:
+            raise APIError(400, f"kv_mode must be one of {KV_MODES}", "kv_mode")
         try:
             policy = make_policy(spec["policy"], spec.get("threshold"), spec.get("depth"))
             sampling = Sampling(body.temperature, body.top_p, body.repetition_penalty,
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: router for a MoR model, halting if the model has halting heads, else fixed "
                              "full depth")
     parser.add_argument("--threshold", type=float, default=None)
-    parser.add_argument("--kv-mode", default="sync", choices=BATCH_KV_MODES)
+    parser.add_argument("--kv-mode", default="sync", choices=KV_MODES)
     # http
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

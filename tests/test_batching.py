@@ -145,10 +145,37 @@ def test_free_calibration_and_mor_routers_equal_solo(models, smol_tokenizer):
             assert got(engine, i) == ref, router_type
             depths.update(d for _, d in ref[0])
         assert len(depths) > 1, router_type
-    with pytest.raises(EngineInputError, match="batching engine"):
-        BatchEngine(mor, tok).submit(Request([1, 2, 3], 4, Router(0.0), kv_mode="recursion"))
     with pytest.raises(EngineInputError, match="router"):
         BatchEngine(rec, tok).submit(Request([1, 2, 3], 4, Router(0.0)))
+
+
+def _steps_in_full(trace):
+    """Everything a trace says per token: ids, depths, exit reasons, per-loop signals with top-5, FLOPs, KV."""
+    return [(s.token_id, s.depth, s.exit_reason, s.caught_up, s.kv_entries, round(s.inspected_flops, 3),
+             {k: round(v, 3) for k, v in s.flops.items()},
+             [(sig.loop, None if sig.signal is None else round(sig.signal, 5), sig.top_tokens and
+               [(t, round(p, 5)) for t, p in sig.top_tokens]) for sig in s.loops]) for s in trace.steps]
+
+
+@pytest.mark.parametrize("sharing", ["cycle", "middle_cycle"])
+@pytest.mark.parametrize("kv_mode", ["copy", "sync", "recursion", "share"])
+def test_every_kv_mode_with_inspect_equals_solo(models, smol_tokenizer, sharing, kv_mode):
+    """The batch engine runs all four KV modes, with per-loop top-5 candidates (``inspect``), as solo does."""
+    rec, tok = models[sharing], smol_tokenizer
+    prompts = PROMPTS[:4]
+    engine = BatchEngine(rec, tok, max_requests=3, prefill_chunk=4)
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(prompt_ids=encode_prompt(tok, prompt), max_new_tokens=8, policy=RandomExits(0.5, i),
+                              kv_mode=kv_mode, request_id=f"r{i}", prompt=prompt, inspect=True))
+        engine.step()
+    engine.run()
+    depths = set()
+    for i, prompt in enumerate(prompts):
+        ref = generate(rec, tok, prompt, policy=RandomExits(0.5, i), kv_mode=kv_mode, max_new_tokens=8, inspect=True)
+        assert _steps_in_full(engine.results[f"r{i}"].trace) == _steps_in_full(ref), (kv_mode, i)
+        depths.update(s.depth for s in ref.steps)
+        assert all(sig.top_tokens for s in ref.steps for sig in s.loops) and ref.steps[0].inspected_flops > 0
+    assert len(depths) > 1
 
 
 def test_sampling_stop_strings_and_seeds_equal_solo(models, smol_tokenizer):

@@ -170,6 +170,19 @@ def test_live_through_the_shared_batching_engine_matches_a_solo_run(app):
     assert [s.depth for s in shared.steps] == [2] * len(solo.steps)
 
 
+@pytest.mark.parametrize("kv", ["recursion", "share", "copy"])
+def test_the_default_live_run_goes_through_the_shared_engine_with_token_details(app, kv):
+    """Every policy and KV mode runs on the shared engine, with the top-5 candidates of every loop."""
+    _, client = app
+    fields = dict(policy_v="confidence", threshold_v=0.01, max_new_v=6, kv_v=kv)
+    args = live_args(**fields)[:-1]  # the "share batches" box left at its default
+    shared = trace_of(client.predict(*args, api_name="/generate"))
+    solo = trace_of(client.predict(*live_args(**fields, shared_v=False), api_name="/generate"))
+    assert shared.settings.get("engine") == "shared cdb" and shared.settings["kv_mode"] == kv
+    assert [(s.token_id, s.depth) for s in shared.steps] == [(s.token_id, s.depth) for s in solo.steps]
+    assert all(sig.top_tokens for s in shared.steps for sig in s.loops)
+
+
 def test_batching_lab_runs_the_strategies_and_draws_their_schedules(app):
     _, client = app
     result = client.predict(3, 4, 0, ["static", "cdb"], "fixed", 0.5, 1, "max_prob", 3, "sync",

@@ -7,7 +7,7 @@ import torch
 from model import RecursiveForCausalLM, generate, recursify
 from model.engine import AdaptiveDecoder, EngineInputError
 from model.policies import DepthPolicy, Router
-from model.routers import add_routers, expert_choice_forward, routed_forward, token_choice_forward
+from model.routers import add_routers, expert_choice_forward, routed_forward, share_mask, token_choice_forward
 from tests.conftest import tiny_llama
 
 
@@ -86,6 +86,35 @@ def test_token_choice_balancing_loss_and_depths():
     assert mor.token_router.proj.weight.grad is not None
     warm = token_choice_forward(mor, ids, warmup=True)
     torch.testing.assert_close(warm.logits, mor(ids).logits)  # warm-up routes every token to full depth
+
+
+def test_token_choice_z_loss_counts_every_sample():
+    """The z-loss is the mean of logsumexp² over the router logits of every token of every sample
+    (it once kept only the batch's last sample)."""
+    mor = add_routers(recursify(tiny_llama(), num_loops=3, lora_rank=4), "token").eval()
+    ids = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = token_choice_forward(mor, ids, balance_coeff=0.0, z_coeff=1.0)
+        inner = mor.model
+        per_sample = []
+        for b in range(3):
+            h = inner.embed_tokens(ids[b:b + 1])
+            h = inner.run_positions(h, mor.config.prelude_positions, inner.rope(h, torch.arange(8)[None]))
+            per_sample.append(torch.logsumexp(mor.token_router.logits(h[0]).float(), -1).pow(2))
+    expected = torch.cat(per_sample).mean()
+    assert not torch.allclose(per_sample[-1].mean(), expected)  # the samples differ, so the bug would show
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+def test_the_share_mask_is_built_on_the_tokens_device():
+    """``routed_forward(kv_mode="share")`` once built its mask on the CPU whatever the device (fails on
+    CUDA); the mask now follows the tokens' device. Checked on the meta device, which any CPU has."""
+    for device in ("cpu", "meta"):
+        positions = torch.arange(5, device=device)
+        mask = share_mask(positions, torch.tensor([1, 3], device=device), torch.float32)
+        assert mask.device.type == device and mask.shape == (2, 5)
+    mask = share_mask(torch.arange(5), torch.tensor([1, 3]), torch.float32)
+    assert (mask[0, :2] == 0).all() and (mask[0, 2:] < -1e30).all() and (mask[1, :4] == 0).all()
 
 
 @pytest.mark.parametrize("router_type", ["expert", "token"])
