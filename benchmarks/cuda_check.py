@@ -23,7 +23,7 @@ from model.engine import encode_prompt  # noqa: E402
 from model.engine import generate  # noqa: E402
 from model.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402
 from model.recursify import recursify  # noqa: E402
-from model.routers import add_routers  # noqa: E402
+from model.recursify import add_routers  # noqa: E402
 from model.train import add_halting_heads  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 

@@ -159,9 +159,9 @@ def gantt(run: dict, max_depth: int) -> go.Figure:
         for item in rec["items"]:
             if item["request_id"] in row:
                 z[row[item["request_id"]]][x] = -1 if item["kind"] == "prefill" else item["loop"]
-    from .render import _stops
+    from .render import depth_colours
 
-    colours = ["#9e9e9e", "#eeeeee", *_stops(max_depth)]  # prefill, idle, loop 1..max
+    colours = ["#9e9e9e", "#eeeeee", *depth_colours(max_depth)]  # prefill, idle, loop 1..max
     n = len(colours)
     scale = []
     for i, c in enumerate(colours):  # a discrete colour scale over the values -1..max_depth

@@ -15,11 +15,12 @@ def depth_label(depth: int) -> str:
 
 def colour_map(max_depth: int) -> dict[str, str]:
     """HighlightedText colour per depth label, shallow = light, deep = dark."""
-    stops = _stops(max_depth)
+    stops = depth_colours(max_depth)
     return {depth_label(d): stops[d - 1] for d in range(1, max_depth + 1)}
 
 
-def _stops(n: int) -> list[str]:
+def depth_colours(n: int) -> list[str]:
+    """One colour per depth 1..n, light (shallow) to dark (deep)."""
     if n <= 1:
         return [DEPTH_COLOURS[2]]
     idx = [round(i * (len(DEPTH_COLOURS) - 1) / (n - 1)) for i in range(n)]

@@ -55,6 +55,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from .compute import CostModel, add_into
+from .errors import EngineFullError
 from .engine import (
     KV_MODES,
     AdaptiveDecoder,
@@ -77,10 +78,6 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("cdb", "ee_sequence", "csb", "static")
 FULL_DEPTH_STRATEGIES = ("csb", "static")  # these ignore the request's policy: every token runs all loops
 LOCKSTEP_STRATEGIES = ("ee_sequence", "csb", "static")  # next tokens enter only when the iteration ended
-
-
-class EngineFullError(RuntimeError):
-    """The engine refuses a request because a bound is reached (queue full); retry later."""
 
 
 # --- plain data: requests, events, the scheduling decision, the log -------------------------------

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.errors import DataError
 from model.paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,6 @@ CHAT_TEMPLATE_SHARE = 0.05  # share of train chitchat docs rendered with the cha
 
 DEFAULT_SEQ_LEN = 512
 TOKEN_DTYPE = np.uint16
-
-
-class DataError(RuntimeError):
-    """Anything wrong with the data pipeline; the message says what to do."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CHECKSUMS, ModelLoadError, atomic_write_folder, verify_checksums, write_checksums
+from .errors import ModelLoadError
+from .folders import CHECKSUMS, atomic_write_folder, load_base, load_folder, run_model_folder, verify_checksums, write_checksums
 from .paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = ASSETS_DIR / "default"
+ARTIFACT_NAMES = ("default", "default-mor")  # load_model names of the committed artifacts (folders in assets/)
 ARTIFACT_FILES = ("config.json", "conversion.json", "weights.safetensors")  # + SHA256SUMS, checked before use
 _SCALE_SUFFIX = ".int8_scale"
 
@@ -85,14 +87,13 @@ def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
 
 def rebuild(artifact: Path = ARTIFACT_DIR):
     """``(RecursiveForCausalLM, tokenizer)``: the base's plain conversion + the artifact's tensors."""
-    from .checkpoint import load_model
     from .config import RecursiveConfig
     from .modeling import RecursiveForCausalLM
     from .recursify import recursify
 
     conversion = json.loads((artifact / "conversion.json").read_text())
     config = RecursiveConfig.from_dict(json.loads((artifact / "config.json").read_text()))
-    base, tokenizer = load_model(conversion["base"])
+    base, tokenizer = load_base(conversion["base"])
     plain = recursify(base, num_loops=conversion["loops"], sharing=conversion["sharing"],
                       init=conversion["init"], lora_rank=0, block_size=conversion.get("block_size"),
                       base_name=conversion["base"])
@@ -151,15 +152,13 @@ def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = Tr
     equal a fresh conversion, then records the rebuilt model's perplexity on the first
     ``check_rows`` validation rows (``config.training["artifact"]``) for the load test.
     """
-    from .checkpoint import load_model
     from .recursify import recursify
-    from .train import run_model_folder
 
-    trained, _ = load_model(run_model_folder(source))
+    trained, _ = load_folder(run_model_folder(source))
     cfg = trained.config
     conversion = {"base": cfg.base_model, "loops": cfg.num_loops, "sharing": cfg.sharing,
                   "init": cfg.init_method, "block_size": cfg.block_size}
-    base, _ = load_model(conversion["base"])
+    base, _ = load_base(conversion["base"])
     plain = recursify(base, num_loops=cfg.num_loops, sharing=cfg.sharing, init=cfg.init_method, lora_rank=0,
                       block_size=cfg.block_size, base_name=cfg.base_model).state_dict()
     state = trained.state_dict()
@@ -195,10 +194,7 @@ def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dic
     ``source`` that differ from ``base``'s rebuilt model (e.g. the routers of ``default-mor``)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import load_model
-    from .train import run_model_folder
-
-    trained, _ = load_model(run_model_folder(source))
+    trained, _ = load_folder(run_model_folder(source))
     reference, _ = rebuild(base)
     ref_state = reference.state_dict()
     def unchanged(key: str, value: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ from transformers.generation.logits_process import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .compute import CostModel, add_into
+from .errors import EngineInputError
 from .modeling import RecursiveForCausalLM, causal_mask
 from .policies import DepthPolicy, FixedDepth, Observation
 from .routers import RecursionShareCache, share_slots
@@ -44,10 +45,6 @@ from .trace import GenerationTrace, LoopSignal, TokenStep
 # the batching engine (``model.batching.BatchEngine``, the server, the dashboard's shared engine).
 KV_MODES = ("copy", "sync", "recursion", "share")
 TOP_K_SHOWN = 5
-
-
-class EngineInputError(ValueError):
-    """Invalid generation input or settings; the message says what is accepted."""
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; JSON clients mostly send int64

@@ -173,3 +173,17 @@ def _copy_weights(base: PreTrainedModel, rec: RecursiveForCausalLM, layout: Layo
 
 def _projection(layer: nn.Module, name: str) -> nn.Linear:
     return getattr(projection_owner(layer, name), name)
+
+
+def add_routers(model, router_type: str, capacity: list[float] | None = None, alpha: float = 0.1):
+    """A copy of a recursive model with freshly initialised routers (weights shared by value)."""
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    cfg.router_type = router_type
+    cfg.router_alpha = alpha
+    if router_type == "expert":
+        n = cfg.num_loops
+        cfg.router_capacity = capacity or [(n - r) / n for r in range(n)]  # 1, (n-1)/n, ...
+    routed = RecursiveForCausalLM(cfg).to(model.dtype)
+    missing, unexpected = routed.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("router" in k for k in missing), (missing, unexpected)
+    return routed.eval()

@@ -228,19 +228,3 @@ def update_balance_bias(router: TokenRouter, depths: torch.Tensor, rate: float =
     R = router.balance_bias.numel()
     load = torch.stack([(depths == d).float().mean() for d in range(1, R + 1)])
     router.balance_bias += rate * torch.sign(load.mean() - load)
-
-
-def add_routers(model, router_type: str, capacity: list[float] | None = None, alpha: float = 0.1):
-    """A copy of a recursive model with freshly initialised routers (weights shared by value)."""
-    from .modeling import RecursiveForCausalLM
-
-    cfg = model.config.__class__.from_dict(model.config.to_dict())
-    cfg.router_type = router_type
-    cfg.router_alpha = alpha
-    if router_type == "expert":
-        n = cfg.num_loops
-        cfg.router_capacity = capacity or [(n - r) / n for r in range(n)]  # 1, (n-1)/n, ...
-    routed = RecursiveForCausalLM(cfg).to(model.dtype)
-    missing, unexpected = routed.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("router" in k for k in missing), (missing, unexpected)
-    return routed.eval()

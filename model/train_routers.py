@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from .routers import add_routers, expert_choice_forward, token_choice_forward, update_balance_bias
+from .recursify import add_routers
+from .routers import expert_choice_forward, token_choice_forward, update_balance_bias
 
 
 def parse_capacity(text: str) -> list[float]:

@@ -125,7 +125,7 @@ def test_probe_policies_equal_solo(models, smol_tokenizer, sharing):
 def test_free_calibration_and_mor_routers_equal_solo(models, smol_tokenizer):
     """FREE's calibration pairs (from caught-up tokens) and MoR router decisions, batched as solo."""
     from model.policies import Router
-    from model.routers import add_routers
+    from model.recursify import add_routers
 
     rec, tok = models["cycle"], smol_tokenizer
     policies = [CalibratingRandom(0.5, i) for i in range(4)]

@@ -7,7 +7,8 @@ import torch
 from model import RecursiveForCausalLM, generate, recursify
 from model.engine import AdaptiveDecoder, EngineInputError
 from model.policies import DepthPolicy, Router
-from model.routers import add_routers, expert_choice_forward, routed_forward, share_mask, token_choice_forward
+from model.recursify import add_routers
+from model.routers import expert_choice_forward, routed_forward, share_mask, token_choice_forward
 from tests.conftest import tiny_llama
 
 

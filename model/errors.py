@@ -1,0 +1,25 @@
+"""The project's one error family: every failure a user can cause or fix is a ``LabError``.
+
+Each subclass also derives from the builtin it refines, so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """Base of every error the package raises on purpose; the message says what to do."""
+
+
+class ModelLoadError(LabError, RuntimeError):
+    """A model or checkpoint could not be loaded; the message names the problem."""
+
+
+class EngineInputError(LabError, ValueError):
+    """Invalid generation input or settings; the message says what is accepted."""
+
+
+class EngineFullError(LabError, RuntimeError):
+    """The engine refuses a request because a bound is reached (queue full); retry later."""
+
+
+class DataError(LabError, RuntimeError):
+    """A corpus source could not be fetched, read or split; the message says which and why."""
