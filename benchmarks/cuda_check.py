@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.batching import BatchEngine, Request  # noqa: E402
+from model.serving import BatchEngine, Request  # noqa: E402
 from model.engine import encode_prompt  # noqa: E402
 from model.engine import generate  # noqa: E402
 from model.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402

@@ -61,13 +61,14 @@ def make_tiny_model(repo: Path, folder: Path) -> None:
 
 
 class Server:
-    """``python -m model.serve`` of ``repo`` in a subprocess on a free loopback port."""
+    """``python -m model.serving`` of ``repo`` in a subprocess on a free loopback port."""
 
     def __init__(self, repo: Path, model: Path, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([PY, "-m", "model.serve", "--model", str(model), "--threads", "1",
+        module = "model.serving" if (repo / "model" / "serving").is_dir() else "model.serve"  # older checkouts
+        self.proc = subprocess.Popen([PY, "-m", module, "--model", str(model), "--threads", "1",
                                       "--port", str(self.port), "--policy", "fixed"], cwd=repo, stdout=self.log,
                                      stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(repo)})
         deadline = time.time() + 180

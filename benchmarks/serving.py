@@ -7,7 +7,7 @@
 
 Workload: chat prompts (the first user turn of held-out chitchat conversations when the data cache
 has them, else a built-in list), rendered with the chat template; output budgets drawn uniformly
-from ``--min-tokens..--max-tokens`` (greedy, EOS honoured). Every strategy of ``model.batching``
+from ``--min-tokens..--max-tokens`` (greedy, EOS honoured). Every strategy of ``model.serving``
 (``cdb``, ``ee_sequence``, ``csb``, ``static``) runs the same workload in the same process, one
 after the other, after a short warm-up of each. Arrivals: ``offline`` (all at once) and ``poisson`` at each
 ``--rate`` (requests/s, seeded).
@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.batching import STRATEGIES, WorkloadItem, compare_strategies  # noqa: E402
+from model.serving import STRATEGIES, WorkloadItem, compare_strategies  # noqa: E402
 from model.policies import POLICIES, make_policy  # noqa: E402
-from model.serve import load_served_model  # noqa: E402
+from model.serving.server import load_served_model  # noqa: E402
 
 log = logging.getLogger("serving")
 SECTION_END = "<!-- serving:end -->"

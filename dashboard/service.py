@@ -303,7 +303,7 @@ class SharedStream:
 
 
 def _shared_worker(service: ModelService):
-    from model.batching import BatchEngine, EngineWorker
+    from model.serving import BatchEngine, EngineWorker
 
     loaded = service.current
     if service._worker is None or service._worker_label != loaded.label:
@@ -318,7 +318,7 @@ def _shared_worker(service: ModelService):
 def start_shared(service: ModelService, prompt: str, settings: Settings, inspect: bool = True) -> SharedStream:
     """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps.
     Every policy and KV mode runs there; ``inspect`` records the top-5 candidates at every loop."""
-    from model.batching import EngineFullError, Request
+    from model.serving import EngineFullError, Request
     from model.engine import Sampling
     from model.trace import GenerationTrace
 
@@ -343,7 +343,7 @@ def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: flo
     """Run one workload under each strategy (same engine code, same run); plain data per strategy."""
     import random
 
-    from model.batching import WorkloadItem, compare_strategies
+    from model.serving import WorkloadItem, compare_strategies
 
     if not strategies:
         raise ServiceError("Pick at least one strategy.")

@@ -42,7 +42,7 @@ from .routers import RecursionShareCache, share_slots
 from .trace import GenerationTrace, LoopSignal, TokenStep
 
 # The one list of KV modes. Both engines run every mode: solo decoding (``AdaptiveDecoder``, ``stream``) and
-# the batching engine (``model.batching.BatchEngine``, the server, the dashboard's shared engine).
+# the batching engine (``model.serving.BatchEngine``, the server, the dashboard's shared engine).
 KV_MODES = ("copy", "sync", "recursion", "share")
 TOP_K_SHOWN = 5
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import EngineInputError, GenerationTrace, generate, recursify
-from model.batching import (
+from model.serving import (
     STRATEGIES,
     BatchEngine,
     EngineFullError,

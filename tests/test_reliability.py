@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from model import recursify
-from model.batching import BatchEngine, EngineWorker
+from model.serving import BatchEngine, EngineWorker
 from model.engine import encode_chat
-from model.serve import ServerLimits, create_app
+from model.serving.server import ServerLimits, create_app
 from tests.conftest import serve_in_thread, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def test_a_seed_outside_the_generators_range_is_a_400_and_the_server_goes_on(ser
 
 
 def test_a_request_that_fails_inside_the_engine_fails_alone(server, monkeypatch):
-    import model.batching as batching
+    import model.serving.engine as batching
 
     real = batching.RequestState
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from model import generate, recursify
-from model.batching import BatchEngine, EngineWorker, Request
+from model.serving import BatchEngine, EngineWorker, Request
 from model.policies import FixedDepth
-from model.serve import ServerLimits, StopTrimmer, create_app
+from model.serving.server import ServerLimits, StopTrimmer, create_app
 from tests.conftest import serve_in_thread as _serve, tiny_llama
 
 import openai  # noqa: E402  (pinned in requirements.txt)

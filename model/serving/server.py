@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server with continuous depth-wise batching inside.
 
-    python -m model.serve --model default --port 8000
+    python -m model.serving --model default --port 8000
 
 Endpoints (FastAPI + uvicorn, the stack gradio already brings):
 
@@ -41,9 +41,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import STRATEGIES, BatchEngine, EngineFullError, EngineWorker, Request, RequestEvent
-from .engine import KV_MODES, MAX_SEED, EngineInputError, Sampling, as_recursive, encode_chat
-from .policies import POLICIES, make_policy
+from ..engine import KV_MODES, MAX_SEED, Sampling, as_recursive, encode_chat
+from ..errors import EngineFullError, EngineInputError
+from ..policies import POLICIES, make_policy
+from .engine import BatchEngine
+from .requests import Request, RequestEvent
+from .scheduler import STRATEGIES
+from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -461,8 +465,8 @@ def load_served_model(name: str, fallback: bool = True, loops: int | None = None
     project's default conversion of SmolLM2-135M (3 loops, LoRA rank 64, untrained) is served
     instead and ``note`` says so. A plain Llama model is converted when ``loops`` is given.
     """
-    from .checkpoint import ModelLoadError, load_model
-    from .recursify import recursify
+    from ..checkpoint import ModelLoadError, load_model
+    from ..recursify import recursify
 
     note = None
     try:
@@ -519,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from .checkpoint import ModelLoadError
+    from ..checkpoint import ModelLoadError
 
     try:
         model, tokenizer, name, note = load_served_model(args.model, not args.no_fallback, args.loops)

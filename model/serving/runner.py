@@ -1,0 +1,156 @@
+"""The batched layer call: decoder layers over segments of many requests at once, and their FLOP costs."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from ..compute import CostModel
+from ..config import PROJECTIONS
+from ..modeling import RecursiveForCausalLM, causal_mask, projection_owner
+
+
+@dataclass
+class Segment:
+    """Consecutive tokens of one request that run the same layer positions in one call."""
+
+    hidden: torch.Tensor  # (m, d) residual stream
+    token_positions: list[int]  # (m,) absolute positions of the tokens (RoPE, causal mask)
+    layer_positions: Sequence[int]  # unrolled layer positions to run, in order
+    cache: DynamicCache  # the request's cache (written at every layer position run)
+
+
+class BlockRunner:
+    """Runs decoder layers over segments of many requests at once (one job: the batched forward).
+
+    At layer j every segment runs its own position ``layer_positions[j]``; all those positions must
+    map to the same unique layer (same shared weights). The shared projections run once over all
+    N tokens; RMSNorm weights and LoRA per group of consecutive segments at one position; attention
+    per segment against its own cache. Exactly ``LlamaDecoderLayer.forward`` per token.
+    """
+
+    def __init__(self, model: RecursiveForCausalLM):
+        self.inner = model.model
+        self.cfg = model.config
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
+        self.params = [self._position_params(layer) for layer in self.inner.layers]  # looked up once, not per call
+        self.eps = self.inner.layers[0].input_layernorm.variance_epsilon
+        self.act = self.inner.layers[0].mlp.act_fn
+        self.model_s = 0.0  # time inside the layer maths (projections, norms, attention): not overhead
+
+    @staticmethod
+    def _position_params(layer) -> dict:
+        """One position's weights (Parameters held by reference, so ``model.to`` still applies)."""
+        projections = {n: getattr(projection_owner(layer, n), n) for n in PROJECTIONS}
+        return {
+            "input_norm": layer.input_layernorm.weight,
+            "post_norm": layer.post_attention_layernorm.weight,
+            "attn": layer.self_attn,
+            "shared": {n: m.shared for n, m in projections.items()},
+            "lora": {n: (m.lora_A, m.lora_B) if m.rank > 0 else None for n, m in projections.items()},
+        }
+
+    @torch.no_grad()
+    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Returns the new hidden states, (m_i, d) per segment, in the order given."""
+        if not segments:
+            return []
+        depth = len(segments[0].layer_positions)
+        assert all(len(s.layer_positions) == depth for s in segments), "segments must run equally many layers"
+        order = sorted(range(len(segments)), key=lambda i: segments[i].layer_positions[0] if depth else 0)
+        segs = [segments[i] for i in order]
+        bounds = list(itertools.accumulate([0] + [s.hidden.shape[0] for s in segs]))
+        x = torch.cat([s.hidden for s in segs], dim=0)  # (N, d)
+        device = x.device
+        pos = torch.tensor([p for s in segs for p in s.token_positions], device=device)[None]  # (1, N)
+        cos, sin = self.inner.rope(x[None], pos) if depth else (None, None)  # (1, N, head_dim) each
+        t0 = time.perf_counter()
+        for j in range(depth):
+            x = self._layer(x, [s.layer_positions[j] for s in segs], segs, bounds, cos, sin)
+        self.model_s += time.perf_counter() - t0
+        outs = [x[bounds[i]:bounds[i + 1]] for i in range(len(segs))]
+        result: list[torch.Tensor] = [None] * len(segs)  # type: ignore[list-item]
+        for k, i in enumerate(order):
+            result[i] = outs[k]
+        return result
+
+    def _groups(self, positions: list[int], bounds: list[int]) -> list[tuple[int, int, int]]:
+        """(layer position, token start, token end) for runs of consecutive segments at one position."""
+        groups: list[tuple[int, int, int]] = []
+        for i, p in enumerate(positions):
+            if groups and groups[-1][0] == p:
+                groups[-1] = (p, groups[-1][1], bounds[i + 1])
+            else:
+                groups.append((p, bounds[i], bounds[i + 1]))
+        return groups
+
+    def _norm(self, x: torch.Tensor, groups, which: str) -> torch.Tensor:
+        """LlamaRMSNorm with each group's own weight: ``w_p * (x / rms(x))`` (x: (N, d))."""
+        xf = x.to(torch.float32)
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if len(groups) == 1:
+            return self.params[groups[0][0]][which] * normed
+        out = torch.empty_like(normed)
+        for p, a, b in groups:
+            out[a:b] = self.params[p][which] * normed[a:b]
+        return out
+
+    def _project(self, x: torch.Tensor, groups, name: str) -> torch.Tensor:
+        """Shared linear over all N tokens once, plus each group's LoRA: (N, d_in) -> (N, d_out)."""
+        shared = self.params[groups[0][0]]["shared"][name]
+        y = F.linear(x, shared.weight, shared.bias)
+        for p, a, b in groups:
+            params = self.params[p]
+            assert params["shared"][name] is shared, f"position {p} does not share {name} with {groups[0][0]}"
+            lora = params["lora"][name]
+            if lora is not None:
+                y[a:b] = y[a:b] + F.linear(F.linear(x[a:b], lora[0]), lora[1])
+        return y
+
+    def _layer(self, x, positions, segs, bounds, cos, sin) -> torch.Tensor:
+        groups = self._groups(positions, bounds)
+        n, e = x.shape[0], self.cfg.head_dim
+        residual = x
+        h = self._norm(x, groups, "input_norm")
+        q = self._project(h, groups, "q_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
+        k = self._project(h, groups, "k_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
+        v = self._project(h, groups, "v_proj").view(n, -1, e).transpose(0, 1)[None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        outs = []
+        for i, seg in enumerate(segs):
+            a, b = bounds[i], bounds[i + 1]
+            attn = self.params[positions[i]]["attn"]
+            keys, values = seg.cache.update(k[:, :, a:b], v[:, :, a:b], positions[i])
+            mask = None if b - a == 1 else causal_mask(b - a, keys.shape[2], x.dtype, x.device)
+            out, _ = self.attention(attn, q[:, :, a:b], keys, values, mask, dropout=0.0, scaling=attn.scaling)
+            outs.append(out.reshape(b - a, -1))  # (m, H*e)
+        h = self._project(torch.cat(outs, dim=0), groups, "o_proj")
+        x = residual + h
+        residual = x
+        h = self._norm(x, groups, "post_norm")
+        h = self.act(self._project(h, groups, "gate_proj")) * self._project(h, groups, "up_proj")
+        return residual + self._project(h, groups, "down_proj")
+
+
+class LayerCosts:
+    """``CostModel.layers(positions, context)`` without recomputing it per token: every component
+    is affine in the context length (only ``attn_context`` grows), so two evaluations give all."""
+
+    def __init__(self, costs: CostModel):
+        self.costs = costs
+        self._cache: dict[tuple, tuple[dict, dict]] = {}
+
+    def __call__(self, positions, context: int) -> dict[str, float]:
+        key = tuple(positions)
+        if key not in self._cache:
+            a, b = self.costs.layers(positions, 0), self.costs.layers(positions, 1)
+            self._cache[key] = (a, {k: b[k] - a[k] for k in a})
+        a, slope = self._cache[key]
+        return {k: a[k] + slope[k] * context for k in a}
