@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     # engine
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    p.add_argument("--policy", default=None, choices=sorted({*POLICIES, "adaptive"}),
+    p.add_argument("--policy", default=None, choices=sorted(POLICIES),
                    help="depth policy of the adaptive strategies (default: router for a MoR model, halting if "
                         "trained with halting heads, else confidence)")
     p.add_argument("--threshold", type=float, default=None)

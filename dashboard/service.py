@@ -19,6 +19,7 @@ from pathlib import Path
 
 from model import ModelLoadError, load_model, recursify
 from model.checkpoint import default_device
+from model.default import FALLBACK_CONVERSION
 from model.engine import describe_model, encode_prompt, stream
 from model.paths import REPO_ROOT, cache_dir
 from model.policies import make_policy
@@ -34,7 +35,7 @@ EXACT_3x10 = "SmolLM2 → 3 loops × 10 · full-rank LoRA (untrained; exact at f
 RANK64_3x10 = "SmolLM2 → 3 loops × 10 · LoRA r64 (untrained conversion)"
 TEACHER = "SmolLM2-135M-Instruct teacher (no sharing, 1 loop)"
 BUILTIN_CONVERSIONS = {
-    EXACT_3x10: dict(num_loops=3, sharing="cycle", init="average", lora_rank="full"),
+    EXACT_3x10: FALLBACK_CONVERSION,  # what load_best falls back to (the server's fallback too)
     RANK64_3x10: dict(num_loops=3, sharing="cycle", init="average", lora_rank=64),
     TEACHER: dict(num_loops=1),
 }

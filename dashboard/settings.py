@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from model.engine import KV_MODES
-from model.policies import CONFIDENCE_MEASURES, make_policy
+from model.policies import CONFIDENCE_MEASURES, POLICIES, make_policy
 
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024
 MAX_PROMPT_CHARS = 20_000
-POLICY_CHOICES = ["confidence", "saturation", "fixed", "halting", "adaptive", "router"]
+MENU_FIRST = ("confidence", "saturation", "fixed", "halting")  # the menu's order; then the rest of the registry
+POLICY_CHOICES = [*MENU_FIRST, *(name for name in POLICIES if name not in MENU_FIRST)]
 KV_CHOICES = ["sync", *(m for m in KV_MODES if m != "sync")]  # sync first: the default
 
 

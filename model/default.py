@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = ASSETS_DIR / "default"
 ARTIFACT_NAMES = ("default", "default-mor")  # load_model names of the committed artifacts (folders in assets/)
+# What the server and the dashboard show when a checkout has no trained default: the embedded base
+# converted to 3 loops with full-rank LoRA, untrained but exact at full depth (the same answers as the base).
+FALLBACK_CONVERSION = dict(num_loops=3, sharing="cycle", init="average", lora_rank="full")
 ARTIFACT_FILES = ("config.json", "conversion.json", "weights.safetensors")  # + SHA256SUMS, checked before use
 _SCALE_SUFFIX = ".int8_scale"
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 CONFIDENCE_MEASURES = ("max_prob", "top2_gap", "entropy")
+DEFAULT_MEASURE = "max_prob"  # every confidence policy's default measure
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Confidence(DepthPolicy):
     needs_logits = True
     decision_cost = "softmax"
 
-    def __init__(self, threshold: float = 0.8, measure: str = "max_prob"):
+    def __init__(self, threshold: float = 0.8, measure: str = DEFAULT_MEASURE):
         if measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {measure!r}")
         if not 0.0 <= threshold <= 1.0:
@@ -196,28 +198,6 @@ class Router(DepthPolicy):
         return {"policy": self.name, "bias": self.bias, "threshold": 0.5, "signal": "router"}
 
 
-POLICIES = {"fixed": FixedDepth, "confidence": Confidence, "saturation": Saturation, "halting": Halting,
-            "router": Router}
-
-
-def make_policy(name: str, threshold: float | None = None, depth: int | None = None,
-                measure: str = "max_prob") -> DepthPolicy:
-    """Build a policy from plain settings (CLI, dashboard)."""
-    if name == "fixed":
-        return FixedDepth(depth or 1)
-    if name == "confidence":
-        return Confidence(0.8 if threshold is None else threshold, measure)
-    if name == "saturation":
-        return Saturation(0.95 if threshold is None else threshold)
-    if name == "halting":
-        return Halting(0.5 if threshold is None else threshold)
-    if name == "router":
-        return Router(0.0 if threshold is None else threshold)  # for the router, the value is its bias
-    if name == "adaptive":
-        return AdaptiveConfidence(0.9 if threshold is None else threshold, measure)
-    raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
-
-
 class BetaMixture:
     """FREE's supervised two-component Beta mixture over confidences (METHODS §2.5).
 
@@ -272,7 +252,7 @@ class AdaptiveConfidence(Confidence):
     name = "adaptive"
     wants_calibration = True
 
-    def __init__(self, initial: float = 0.9, measure: str = "top2_gap", zeta: float = 0.4, max_updates: int = 300):
+    def __init__(self, initial: float = 0.9, measure: str = DEFAULT_MEASURE, zeta: float = 0.4, max_updates: int = 300):
         super().__init__(initial, measure)
         self.mixture = BetaMixture(zeta)
         self.pairs: tuple[list[float], list[bool]] = ([], [])
@@ -293,4 +273,20 @@ class AdaptiveConfidence(Confidence):
         return {**super().describe(), "policy": self.name, "pairs": len(self.pairs[0]), "updates": self.updates}
 
 
-POLICIES["adaptive"] = AdaptiveConfidence
+# --- the one registry of policies: name -> builder(threshold, depth, measure); None means its default --------
+POLICIES: dict[str, Callable[[float | None, int | None, str], DepthPolicy]] = {
+    "fixed": lambda threshold, depth, measure: FixedDepth(depth or 1),
+    "confidence": lambda threshold, depth, measure: Confidence(0.8 if threshold is None else threshold, measure),
+    "saturation": lambda threshold, depth, measure: Saturation(0.95 if threshold is None else threshold),
+    "halting": lambda threshold, depth, measure: Halting(0.5 if threshold is None else threshold),
+    "router": lambda threshold, depth, measure: Router(0.0 if threshold is None else threshold),  # value = its bias
+    "adaptive": lambda threshold, depth, measure: AdaptiveConfidence(0.9 if threshold is None else threshold, measure),
+}
+
+
+def make_policy(name: str, threshold: float | None = None, depth: int | None = None,
+                measure: str = DEFAULT_MEASURE) -> DepthPolicy:
+    """Build a policy from plain settings (CLI, server, dashboard): one of ``POLICIES``."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
+    return POLICIES[name](threshold, depth, measure)

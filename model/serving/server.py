@@ -51,9 +51,7 @@ from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-FALLBACK_BASE = "smollm2-135m"
-FALLBACK_CONVERSION = dict(num_loops=3, sharing="cycle", lora_rank=64)  # the project's default conversion
-POLICY_NAMES = sorted({*POLICIES, "adaptive"})  # make_policy's names ("adaptive": FREE's Beta-mixture threshold)
+POLICY_NAMES = sorted(POLICIES)  # the one registry of policies (model.policies)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -461,11 +459,12 @@ def create_app(worker: EngineWorker, tokenizer, model_name: str, limits: ServerL
 def load_served_model(name: str, fallback: bool = True, loops: int | None = None):
     """``(recursive model, tokenizer, served name, note)`` for ``--model``.
 
-    "default" is the trained default; if this checkout has none and ``fallback`` is on, the
-    project's default conversion of SmolLM2-135M (3 loops, LoRA rank 64, untrained) is served
-    instead and ``note`` says so. A plain Llama model is converted when ``loops`` is given.
+    "default" is the trained default; if this checkout has none and ``fallback`` is on,
+    ``model.default.FALLBACK_CONVERSION`` of the embedded base (the dashboard's fallback too) is
+    served instead and ``note`` says so. A plain Llama model is converted when ``loops`` is given.
     """
-    from ..checkpoint import ModelLoadError, load_model
+    from ..checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
+    from ..default import FALLBACK_CONVERSION
     from ..recursify import recursify
 
     note = None
@@ -474,10 +473,10 @@ def load_served_model(name: str, fallback: bool = True, loops: int | None = None
     except ModelLoadError as exc:
         if name != "default" or not fallback:
             raise
-        note = (f"FALLBACK: no trained default ({exc}); serving the untrained conversion of {FALLBACK_BASE} "
+        note = (f"FALLBACK: no trained default ({exc}); serving the untrained conversion of {EMBEDDED_NAME} "
                 f"({FALLBACK_CONVERSION}); pass --no-fallback to fail instead")
-        base, tokenizer = load_model(FALLBACK_BASE)
-        model = recursify(base, base_name=FALLBACK_BASE, **FALLBACK_CONVERSION)
+        base, tokenizer = load_model(EMBEDDED_NAME)
+        model = recursify(base, base_name=EMBEDDED_NAME, **FALLBACK_CONVERSION)
     else:
         if loops and getattr(model.config, "model_type", "") != "recursive_llama":
             model = recursify(model, num_loops=loops, lora_rank=64, base_name=name)
