@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from model.engine import KV_MODES  # noqa: E402
 from model.serving import STRATEGIES, WorkloadItem, compare_strategies  # noqa: E402
 from model.policies import POLICIES, make_policy  # noqa: E402
 from model.serving.server import load_served_model  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="depth policy of the adaptive strategies (default: router for a MoR model, halting if "
                         "trained with halting heads, else confidence)")
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--kv-mode", default="sync", choices=["sync", "copy"])
+    p.add_argument("--kv-mode", default="sync", choices=KV_MODES)
     p.add_argument("--max-requests", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=64)
