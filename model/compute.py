@@ -105,3 +105,20 @@ def add_into(total: dict[str, float], part: dict[str, float], scale: float = 1.0
     for k, v in part.items():
         name = key or k
         total[name] = total.get(name, 0.0) + scale * v
+
+
+class LayerCosts:
+    """``CostModel.layers(positions, context)`` without recomputing it per token: every component
+    is affine in the context length (only ``attn_context`` grows), so two evaluations give all."""
+
+    def __init__(self, costs: CostModel):
+        self.costs = costs
+        self._cache: dict[tuple, tuple[dict, dict]] = {}
+
+    def __call__(self, positions, context: int) -> dict[str, float]:
+        key = tuple(positions)
+        if key not in self._cache:
+            a, b = self.costs.layers(positions, 0), self.costs.layers(positions, 1)
+            self._cache[key] = (a, {k: b[k] - a[k] for k in a})
+        a, slope = self._cache[key]
+        return {k: a[k] + slope[k] * context for k in a}

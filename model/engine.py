@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -34,7 +35,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .compute import CostModel, add_into
+from .compute import CostModel, LayerCosts, add_into
 from .errors import EngineInputError
 from .modeling import RecursiveForCausalLM, causal_mask
 from .policies import DepthPolicy, FixedDepth, Observation
@@ -92,14 +93,54 @@ class WaitingToken:
 
 
 @dataclass
-class _StepResult:
+class Segment:
+    """Consecutive tokens of one sequence that run the same layer positions in one call."""
+
+    hidden: torch.Tensor  # (m, d) residual stream
+    token_positions: list[int]  # (m,) absolute positions of the tokens (RoPE, causal mask)
+    layer_positions: Sequence[int]  # unrolled layer positions to run, in order
+    cache: DynamicCache  # the sequence's cache (written at every layer position run)
+
+
+@dataclass
+class TokenInFlight:
+    """The token a decoder is computing: what its loops so far produced and cost."""
+
+    token_id: int
+    position: int
+    loop: int = 0  # loops done
+    hidden: torch.Tensor | None = None  # (1, d) residual stream after ``loop`` loops
+    entering: torch.Tensor | None = None  # (1, d) stream entering the last loop
+    rows: list[WaitingToken] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
+    done_rows: list[WaitingToken] = field(default_factory=list)  # rows that reached the last loop in it
+    caught_up: set = field(default_factory=set)
+    loops: list = field(default_factory=list)  # LoopSignal per loop
+    flops: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # probe / exit logits after the current loop
+    probs: torch.Tensor | None = None
+    halting: float | None = None
+    router_logit: float | None = None  # expert-choice: the next recursion's router logit
+    planned: int | None = None  # token-choice: the depth the router chose at entry
+    inspected: float = 0.0  # FLOPs of probes run only to show the candidates (``inspect``)
+    stop: bool = False
+    reason: str = ""
+
+
+@dataclass
+class StepResult:
+    """What solo ``AdaptiveDecoder.step`` returns for one token."""
+
     logits: torch.Tensor  # (V,) exit logits
     depth: int
     reason: str
     loops: list[LoopSignal]
     flops: dict[str, float]
     inspected_flops: float
-    caught_up: int
+    caught_up: int  # waiting tokens that caught up alongside it
+
+    @classmethod
+    def of(cls, tok: TokenInFlight) -> "StepResult":
+        return cls(tok.logits, tok.loop, tok.reason, tok.loops, tok.flops, tok.inspected, len(tok.caught_up))
 
 
 def as_recursive(model: PreTrainedModel) -> RecursiveForCausalLM:
@@ -112,7 +153,14 @@ def as_recursive(model: PreTrainedModel) -> RecursiveForCausalLM:
 
 
 class AdaptiveDecoder:
-    """One sequence's KV cache and the loop-by-loop step. Used by ``stream`` (and by tests)."""
+    """One sequence: its KV cache, its waiting tokens ("sync") and the steps of one token.
+
+    The steps are public, so that the solo ``step`` and the batching engine's model runner
+    (``model.serving``) run the very same code: ``enter`` a token, run ``next_loop`` (the token plus
+    its catch-up rows), ``after_loop``, ``calibrate`` caught-up rows, ``observe`` (signals without
+    the head), ``decide`` (with the head's logits when asked for), ``finish_token``. A step hands
+    out ``Segment``s; whoever runs them (``run`` here, ``BlockRunner`` there) passes the outputs back.
+    """
 
     def __init__(self, model: RecursiveForCausalLM, policy: DepthPolicy, kv_mode: str = "sync",
                  max_loops: int | None = None, inspect: bool = False, tokenizer=None):
@@ -135,9 +183,11 @@ class AdaptiveDecoder:
         self.inspect = inspect
         self.tokenizer = tokenizer  # only to show the top-5 candidates as text
         self.costs = CostModel.from_model(model)
+        self.layer_costs = LayerCosts(self.costs)
         self.cache = RecursionShareCache(share_slots(self.cfg)) if kv_mode == "share" else DynamicCache()
         self.length = 0  # tokens fed so far == next position
         self.waiting: list[WaitingToken] = []
+        self.token: TokenInFlight | None = None
         self.calibration_flops = 0.0  # FREE: heads run on caught-up tokens to label calibration pairs
         if hasattr(policy, "begin_sequence"):
             policy.begin_sequence()
@@ -158,128 +208,198 @@ class AdaptiveDecoder:
         self.length += len(ids)
         return flops
 
-    # --- one token ---------------------------------------------------------------------------
+    # --- one token, solo ------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, token_id: int) -> _StepResult:
-        """Feed one token; run loops until the policy stops it; return its exit logits and record."""
-        pos, cfg, costs = self.length, self.cfg, self.costs
+    def step(self, token_id: int) -> StepResult:
+        """Feed one token; run loops until the policy stops it; its exit logits, depth and record."""
+        self.entered(self.run(self.enter(token_id)))
+        while True:
+            coda = self.after_loop(self.run(self.next_loop()))
+            if coda is not None:
+                self.calibrate(self.run(coda))
+            logits = self.head_logits(self.run(self.head_segment()))[-1] if self.observe() else None
+            if self.decide(logits):
+                return StepResult.of(self.finish_token())
+
+    def run(self, seg: Segment) -> torch.Tensor:
+        """Run one segment through its layer positions with the library's decoder layers: (m, d)."""
+        if not seg.layer_positions:
+            return seg.hidden
+        x = seg.hidden[None]
+        pos_ids = torch.tensor([seg.token_positions], device=self.device)
+        mask = None
+        if x.shape[1] > 1:
+            past = self.cache.get_seq_length(seg.layer_positions[0])
+            mask = causal_mask(x.shape[1], past + x.shape[1], x.dtype, x.device)
+        return self.inner.run_positions(x, seg.layer_positions, self.inner.rope(x, pos_ids), mask, self.cache)[0]
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head over residual streams that ran the coda: (m, V)."""
+        return self.model.lm_head(self.inner.norm(hidden))
+
+    # --- the steps (public: the batching engine calls them too) ---------------------------------
+    def enter(self, token_id: int) -> Segment:
+        """A new token enters at the next position: its embedding, to run through the prelude."""
+        self.token = TokenInFlight(token_id, self.length)
         self.length += 1
-        ctx = pos + 1
-        flops: dict[str, float] = {}
-        inspected = 0.0
-        pos_ids = torch.tensor([[pos]], device=self.device)
-        h = self.inner.embed_tokens(torch.tensor([[token_id]], device=self.device))
-        rope = self.inner.rope(h, pos_ids)
-        h = self.inner.run_positions(h, cfg.prelude_positions, rope, None, self.cache)
-        add_into(flops, costs.layers(cfg.prelude_positions, ctx))
-        planned = None
+        hidden = self.inner.embed_tokens(torch.tensor([token_id], device=self.device))  # (1, d)
+        return Segment(hidden, [self.token.position], self.cfg.prelude_positions, self.cache)
+
+    def entered(self, h: torch.Tensor) -> None:
+        """The prelude's output (1, d); a token-choice router fixes the depth here."""
+        tok, cfg = self.token, self.cfg
+        tok.hidden = h
+        add_into(tok.flops, self.layer_costs(cfg.prelude_positions, tok.position + 1))
         if self.policy.needs_router and cfg.router_type == "token":  # depth chosen once, up front
-            planned = int(self.model.token_router.depth(h[0, -1]))
-            add_into(flops, {"decision": costs.router(cfg.num_loops)})
-        loops: list[LoopSignal] = []
-        caught_up: set[int] = set()
-        logits = None
-        for loop in range(1, self.max_loops + 1):
-            entering = h
-            h, rows = self._run_loop(h, pos, loop, rope)
-            caught_up.update(rows)
-            add_into(flops, costs.layers(cfg.loop_positions(loop), ctx))
-            for row_pos in rows:
-                add_into(flops, costs.layers(cfg.loop_positions(loop), row_pos + 1), key="catchup")
-                if loop == cfg.num_loops:  # their coda KV is recomputed from the full-depth state
-                    add_into(flops, costs.layers(cfg.coda_positions, row_pos + 1), key="catchup")
-            logits = None
-            want_logits = self.policy.needs_logits or self.inspect
-            if want_logits:
-                logits = self._probe(h, rope)
-                probe_cost = sum(costs.layers(cfg.coda_positions, ctx).values()) + costs.head()
-                if self.policy.needs_logits:
-                    add_into(flops, {"decision": probe_cost + costs.softmax_signals()})
-                else:
-                    inspected += probe_cost
-            probs = torch.softmax(logits.float(), -1) if logits is not None else None
-            obs = Observation(loop, self.max_loops, h[0, 0], entering[0, 0], probs)
-            obs.planned_depth = planned
-            if self.policy.needs_router and cfg.router_type == "expert" and loop < self.max_loops:
-                obs.router_logit = float(self.model.routers.logit(loop + 1, h[0, -1]))
-                add_into(flops, {"decision": costs.router()})
-            if self.policy.needs_halting and loop < cfg.num_loops:
-                obs.halting = float(torch.sigmoid(self.model.halting_logit(loop, h)[0, -1]))
-                add_into(flops, {"decision": costs.halting(cfg.halting_hidden)})
-            if self.policy.decision_cost == "cosine" and loop < self.max_loops:
-                add_into(flops, {"decision": costs.cosine()})
-            stop, reason = self.policy.decide(obs)
-            loops.append(loop_signal(loop, self.policy, obs, probs, self.top_tokens))
-            if stop:
-                break
-            if logits is not None and cfg.num_coda:
-                self._uncache_coda()
-        depth = loop
-        if logits is None:
-            logits = self.model.exit_logits(h, rope, None, self.cache)[0, -1]
-        elif self.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
-            flops["decision"] -= sum(costs.layers(cfg.coda_positions, ctx).values()) + costs.head()
-        add_into(flops, costs.layers(cfg.coda_positions, ctx))
-        add_into(flops, {"head": costs.head()})
-        self.store_deeper_kv(h, pos, depth, rope, flops)
-        if self.waiting and self.waiting[-1].position == pos:
-            self.waiting[-1].exit_signal = loops[-1].signal
-            self.waiting[-1].exit_argmax = int(logits.argmax())
+            tok.planned = int(self.model.token_router.depth(h[-1]))
+            add_into(tok.flops, {"decision": self.costs.router(cfg.num_loops)})
+
+    def next_loop(self) -> Segment:
+        """The token's next loop, with ("sync") the waiting tokens that lack it, in position order."""
+        tok = self.token
+        loop = tok.loop + 1
+        tok.entering = tok.hidden
+        tok.rows = [w for w in self.waiting if w.depth == loop - 1] if self.kv_mode == "sync" else []
+        hidden = torch.cat([w.hidden.reshape(1, -1) for w in tok.rows] + [tok.hidden], dim=0)
+        positions = [w.position for w in tok.rows] + [tok.position]
+        return Segment(hidden, positions, self.cfg.loop_positions(loop), self.cache)
+
+    def after_loop(self, h: torch.Tensor) -> Segment | None:
+        """Take the loop's output (rows + token, (m, d)); returns the coda segment of catch-up rows
+        that reached the last loop (their coda KV is recomputed from the full-depth state), if any."""
+        cfg, tok = self.cfg, self.token
+        tok.loop += 1
+        loop = tok.loop
+        tok.hidden = h[-1:]
+        add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), tok.position + 1))
+        if not tok.rows:
+            return None
+        for w in tok.rows:
+            tok.caught_up.add(w.position)
+            add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), w.position + 1), key="catchup")
+            if loop == cfg.num_loops:
+                add_into(tok.flops, self.layer_costs(cfg.coda_positions, w.position + 1), key="catchup")
+        rows, tok.rows = tok.rows, []
+        tok.done_rows = self._advanced(rows, h[: len(rows)], loop)
+        return self._coda_of(tok.done_rows)
+
+    def calibrate(self, final: torch.Tensor) -> None:
+        """FREE's adaptive threshold: caught-up tokens that reached full depth (``final``: their
+        coda output) label calibration pairs: their exit prediction vs the full-depth one."""
+        self._label(self.token.done_rows, final)
+
+    def observe(self) -> bool:
+        """The loop's signals that need no LM head (router, halting head, cosine); a policy that
+        needs no logits decides here. True when coda + head must run now (``head_segment``)."""
+        tok, cfg, policy = self.token, self.cfg, self.policy
+        tok.logits = tok.probs = tok.halting = tok.router_logit = None
+        if policy.needs_router and cfg.router_type == "expert" and tok.loop < self.max_loops:
+            tok.router_logit = float(self.model.routers.logit(tok.loop + 1, tok.hidden[-1]))
+            add_into(tok.flops, {"decision": self.costs.router()})
+        if policy.needs_halting and tok.loop < cfg.num_loops:
+            tok.halting = float(torch.sigmoid(self.model.halting_logit(tok.loop, tok.hidden[None])[0, -1]))
+            add_into(tok.flops, {"decision": self.costs.halting(cfg.halting_hidden)})
+        if policy.decision_cost == "cosine" and tok.loop < self.max_loops:
+            add_into(tok.flops, {"decision": self.costs.cosine()})
+        if policy.needs_logits:
+            return True
+        tok.stop, tok.reason = policy.decide(self.observation())
+        return tok.stop or self.inspect
+
+    def head_segment(self) -> Segment:
+        """The token's coda (it writes KV; ``decide`` undoes it if the token goes on)."""
+        return Segment(self.token.hidden, [self.token.position], self.cfg.coda_positions, self.cache)
+
+    def decide(self, logits: torch.Tensor | None) -> bool:
+        """With the head's logits (V,) if ``observe`` asked for them: decide, record the loop's
+        signals; True when the token exits now."""
+        tok, cfg, policy = self.token, self.cfg, self.policy
+        tok.logits = logits
+        probe_cost = sum(self.layer_costs(cfg.coda_positions, tok.position + 1).values()) + self.costs.head()
+        if policy.needs_logits:
+            tok.probs = torch.softmax(logits.float(), -1)
+            add_into(tok.flops, {"decision": probe_cost + self.costs.softmax_signals()})
+            tok.stop, tok.reason = policy.decide(self.observation())
+        elif self.inspect:  # candidates to show; the policy decided without them
+            tok.probs = torch.softmax(logits.float(), -1)
+            tok.inspected += probe_cost
+        tok.loops.append(loop_signal(tok.loop, policy, self.observation(), tok.probs, self.top_tokens))
+        if not tok.stop and logits is not None and cfg.num_coda:
+            for p in cfg.coda_positions:  # the probe's coda KV: undone, the token goes on
+                self.cache.layers[p].crop(-1)
+        return tok.stop
+
+    def finish_token(self) -> TokenInFlight:
+        """The exited token: its emitted path's cost, the KV of the loops it skipped, FREE's labels."""
+        tok, cfg = self.token, self.cfg
+        ctx = tok.position + 1
+        if self.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
+            tok.flops["decision"] -= sum(self.layer_costs(cfg.coda_positions, ctx).values()) + self.costs.head()
+        add_into(tok.flops, self.layer_costs(cfg.coda_positions, ctx))
+        add_into(tok.flops, {"head": self.costs.head()})
+        rope = self.inner.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
+        self.store_deeper_kv(tok.hidden[None], tok.position, tok.loop, rope, tok.flops)
+        if self.waiting and self.waiting[-1].position == tok.position:  # FREE calibration needs these
+            self.waiting[-1].exit_signal = tok.loops[-1].signal
+            self.waiting[-1].exit_argmax = int(tok.logits.argmax())
         if self.calibration_flops:
-            add_into(flops, {"decision": self.calibration_flops})
+            add_into(tok.flops, {"decision": self.calibration_flops})
             self.calibration_flops = 0.0
-        return _StepResult(logits, depth, reason, loops, flops, inspected, len(caught_up))
+        self.token = None
+        return tok
 
-    def _run_loop(self, h: torch.Tensor, pos: int, loop: int, rope) -> tuple[torch.Tensor, list[int]]:
-        """Run loop ``loop`` for the current token, plus (sync) the waiting tokens that lack it."""
-        rows = [w for w in self.waiting if w.depth == loop - 1] if self.kv_mode == "sync" else []
-        if not rows:
-            return self.inner.run_positions(h, self.cfg.loop_positions(loop), rope, None, self.cache), []
-        x = self._advance(rows, loop, current=(h, pos))
-        return x[:, -1:], [w.position for w in rows]
+    def observation(self) -> Observation:
+        tok = self.token
+        obs = Observation(tok.loop, self.max_loops, tok.hidden[0], tok.entering[0], tok.probs)
+        obs.halting, obs.router_logit, obs.planned_depth = tok.halting, tok.router_logit, tok.planned
+        return obs
 
-    def _advance(self, rows: list[WaitingToken], loop: int, current=None) -> torch.Tensor:
-        """Run loop ``loop`` on waiting ``rows`` (+ the current token) in one batched, causal call.
-
-        Rows that reach the last loop also get their coda KV recomputed from the full-depth state
-        (it was written from their exit state when they left).
-        """
-        states = [w.hidden for w in rows] + ([current[0]] if current else [])
-        positions = [w.position for w in rows] + ([current[1]] if current else [])
-        x = self._run_batch(torch.cat(states, dim=1), positions, self.cfg.loop_positions(loop))
+    # --- catch-up ("sync") ----------------------------------------------------------------------
+    def _advanced(self, rows: list[WaitingToken], h: torch.Tensor, loop: int) -> list[WaitingToken]:
+        """Waiting ``rows`` ran ``loop`` (outputs ``h``, (len(rows), d)); returns those now at full
+        depth, whose coda KV (written from their exit state) is cropped for recomputation."""
         for i, w in enumerate(rows):
-            w.hidden, w.depth = x[:, i : i + 1], loop
+            w.hidden, w.depth = h[i:i + 1][None], loop
         done = [w for w in rows if w.depth == self.cfg.num_loops]
+        self.waiting = [w for w in self.waiting if w.depth < self.cfg.num_loops]
         if done and self.cfg.num_coda:
             for p in self.cfg.coda_positions:
                 self.cache.layers[p].crop(-len(done))
-            final = self._run_batch(torch.cat([w.hidden for w in done], dim=1), [w.position for w in done],
-                                    self.cfg.coda_positions)
-        elif done:
-            final = torch.cat([w.hidden for w in done], dim=1)
-        if done and getattr(self.policy, "wants_calibration", False):  # FREE: free calibration pairs
-            deep = self.model.lm_head(self.inner.norm(final))[0].argmax(-1).tolist()
-            self.calibration_flops += len(done) * self.costs.head()
-            for w, a in zip(done, deep):
-                if w.exit_signal is not None:
-                    self.policy.calibrate(w.exit_signal, w.exit_argmax == a)
-        self.waiting = [w for w in self.waiting if w.depth < self.cfg.num_loops]
-        return x
+        return done
 
-    def _run_batch(self, x: torch.Tensor, positions: list[int], layer_positions) -> torch.Tensor:
-        """Run consecutive tokens ``x`` (1, m, d) at their own positions through ``layer_positions``."""
-        pos_ids = torch.tensor([positions], device=self.device)
-        past = self.cache.get_seq_length(layer_positions[0])
-        mask = causal_mask(x.shape[1], past + x.shape[1], x.dtype, x.device)
-        return self.inner.run_positions(x, layer_positions, self.inner.rope(x, pos_ids), mask, self.cache)
+    def _coda_of(self, done: list[WaitingToken]) -> Segment | None:
+        if not done:
+            return None
+        return Segment(torch.cat([w.hidden.reshape(1, -1) for w in done], dim=0), [w.position for w in done],
+                       self.cfg.coda_positions, self.cache)
 
-    def _probe(self, h: torch.Tensor, rope) -> torch.Tensor:
-        """Exit logits after the current loop (coda layers write KV; undone if the token goes on)."""
-        return self.model.exit_logits(h, rope, None, self.cache)[0, -1]
+    def _label(self, done: list[WaitingToken], final: torch.Tensor) -> None:
+        if not done or not getattr(self.policy, "wants_calibration", False):
+            return
+        deep = self.head_logits(final).argmax(-1).tolist()  # final: (len(done), d)
+        self.calibration_flops += len(done) * self.costs.head()
+        for w, a in zip(done, deep):
+            if w.exit_signal is not None:
+                self.policy.calibrate(w.exit_signal, w.exit_argmax == a)
 
-    def _uncache_coda(self) -> None:
-        for p in self.cfg.coda_positions:
-            self.cache.layers[p].crop(-1)
+    @torch.no_grad()
+    def flush(self) -> int:
+        """("sync") Compute the deeper loops of every waiting token now; returns how many there were.
+
+        Afterwards the cache equals a full-depth forward pass over all fed tokens.
+        """
+        count = len(self.waiting)
+        while self.waiting:
+            # the shallowest waiting tokens are the latest ones; earlier tokens already hold their next loop
+            depth = min(w.depth for w in self.waiting)
+            rows = [w for w in self.waiting if w.depth == depth]
+            seg = Segment(torch.cat([w.hidden.reshape(1, -1) for w in rows], dim=0), [w.position for w in rows],
+                          self.cfg.loop_positions(depth + 1), self.cache)
+            done = self._advanced(rows, self.run(seg), depth + 1)
+            coda = self._coda_of(done)
+            if coda is not None:
+                self._label(done, self.run(coda))
+        return count
 
     def store_deeper_kv(self, h: torch.Tensor, pos: int, depth: int, rope, flops: dict) -> None:
         """Give the loops this token skipped their KV: now (copy) or later (sync)."""
@@ -298,19 +418,6 @@ class AdaptiveDecoder:
                 _, k = apply_rotary_pos_emb(k, k, *rope)
                 self.cache.update(k, v, p)
                 add_into(flops, {"kv_copy": self.costs.kv_copy()})
-
-    @torch.no_grad()
-    def flush(self) -> int:
-        """("sync") Compute the deeper loops of every waiting token now; returns how many there were.
-
-        Afterwards the cache equals a full-depth forward pass over all fed tokens.
-        """
-        count = len(self.waiting)
-        while self.waiting:
-            # the shallowest waiting tokens are the latest ones; earlier tokens already hold their next loop
-            depth = min(w.depth for w in self.waiting)
-            self._advance([w for w in self.waiting if w.depth == depth], depth + 1)
-        return count
 
     def kv_entries(self) -> tuple[int, int]:
         """(entries held, entries a full-depth cache would hold) over all layer positions."""

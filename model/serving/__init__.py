@@ -19,7 +19,9 @@ from .requests import (
     SchedulerOutput,
     StepRecord,
 )
-from .runner import BlockRunner, LayerCosts, Segment
+from ..compute import LayerCosts
+from ..engine import Segment
+from .runner import BlockRunner
 from .scheduler import FULL_DEPTH_STRATEGIES, LOCKSTEP_STRATEGIES, STRATEGIES, Scheduler
 from .worker import EngineWorker
 from .workloads import WorkloadItem, WorkloadResult, compare_strategies, gantt_cells, run_workload, workload_metrics

@@ -41,56 +41,30 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
-from ..compute import CostModel, add_into
+from ..compute import CostModel, LayerCosts
 from ..engine import (
     KV_MODES,
     AdaptiveDecoder,
+    Segment,
     EngineInputError,
-    WaitingToken,
     as_recursive,
     choose_token,
     describe_model,
     eos_token_ids,
-    loop_signal,
 )
 from ..modeling import RecursiveForCausalLM
-from ..policies import DepthPolicy, FixedDepth, Observation
+from ..policies import DepthPolicy, FixedDepth
 from ..trace import GenerationTrace, TokenStep
 from .requests import Request, RequestEvent, RequestResult, RequestStatus, SchedulerOutput, StepRecord
-from .runner import BlockRunner, LayerCosts, Segment
+from .runner import BlockRunner
 from .scheduler import FULL_DEPTH_STRATEGIES, Scheduler
 
 
 # --- per-request state ------------------------------------------------------------------------------
-@dataclass
-class _Token:
-    """The token a request is computing now (one ``AdaptiveDecoder.step`` spread over engine steps)."""
-
-    token_id: int
-    position: int
-    started_s: float
-    loop: int = 0  # loops done
-    hidden: torch.Tensor | None = None  # (1, d) residual stream after ``loop`` loops
-    entering: torch.Tensor | None = None  # (1, d) stream entering the last loop
-    rows: list[WaitingToken] = field(default_factory=list)  # "sync" catch-up rows riding along this loop
-    done_rows: list[WaitingToken] = field(default_factory=list)  # rows that reached the last loop in it
-    caught_up: set = field(default_factory=set)
-    loops: list = field(default_factory=list)  # LoopSignal per loop
-    flops: dict = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # probe / exit logits after the current loop
-    probs: torch.Tensor | None = None
-    halting: float | None = None
-    router_logit: float | None = None  # expert-choice: the next recursion's router logit
-    planned: int | None = None  # token-choice: the depth the router chose at entry
-    inspected: float = 0.0  # FLOPs of probes run only to show the candidates (``inspect``)
-    stop: bool = False
-    reason: str = ""
-
-
 @dataclass
 class _Chunk:
     """A prompt chunk being prefilled loop by loop."""
@@ -114,7 +88,7 @@ class RequestState:
         self.to_prefill = list(request.prompt_ids[:-1])
         self.prefilled = 0
         self.chunk: _Chunk | None = None
-        self.token: _Token | None = None
+        self.token_started_s = 0.0  # when the token in flight entered (engine clock)
         self.generated: list[int] = []
         self.text_so_far = ""
         self.generator = torch.Generator().manual_seed(request.sampling.seed)
@@ -134,6 +108,11 @@ class RequestState:
         self.trace = GenerationTrace(prompt=request.prompt, prompt_tokens=len(request.prompt_ids),
                                      settings=settings, model=model_desc)
         self.trace.prefill = {"tokens": len(self.to_prefill), "flops": 0.0, "wall_ms": 0.0}
+
+    @property
+    def token(self):
+        """The decoder's token in flight (``engine.TokenInFlight``), or None."""
+        return self.dec.token
 
     # --- what the scheduler reads (``scheduler.Schedulable``) ------------------------------------
     @property
@@ -327,10 +306,8 @@ class BatchEngine:
                 continue  # in flight: only its next loop runs
             size = item.tokens
             if item.kind == "decode":
-                state.token = _Token(token_id=state.ids[-1], position=state.dec.length, started_s=now)
-                state.dec.length += 1
-                entering.append((state, self._segment(state, [state.token.token_id], [state.token.position],
-                                                      cfg.prelude_positions)))
+                state.token_started_s = now
+                entering.append((state, state.dec.enter(state.ids[-1])))
             else:  # a prompt chunk enters
                 if state.prefill_started_s is None:
                     state.prefill_started_s = now
@@ -347,13 +324,9 @@ class BatchEngine:
                 if state.chunk is not None and state.chunk.loop == 0:
                     state.chunk.hidden = h
                 else:
-                    state.token.hidden = h
-                    add_into(state.token.flops, self.layer_costs(cfg.prelude_positions, state.token.position + 1))
-                    if state.dec.policy.needs_router and cfg.router_type == "token":  # depth chosen up front
-                        state.token.planned = int(self.model.token_router.depth(h[-1]))
-                        add_into(state.token.flops, {"decision": state.dec.costs.router(cfg.num_loops)})
+                    state.dec.entered(h)
         # ONE call of the shared block for every item, whatever its loop
-        segments = [self._loop_segment(state) for state in work]
+        segments = [self._chunk_segment(state) if state.chunk is not None else state.dec.next_loop() for state in work]
         for item, seg in zip(items, segments):
             assert item.tokens == seg.hidden.shape[0], "the scheduler's decision and the runner disagree"
         outs = self.runner.run(segments)
@@ -367,7 +340,7 @@ class BatchEngine:
                     positions = list(range(state.chunk.start, state.chunk.start + len(state.chunk.ids)))
                     coda.append((state, Segment(h, positions, cfg.coda_positions, state.dec.cache)))
             else:
-                seg = self._after_loop(state, h)
+                seg = state.dec.after_loop(h)
                 if seg is not None:
                     coda.append((state, seg))
                 deciding.append(state)
@@ -376,7 +349,7 @@ class BatchEngine:
             if state.chunk is not None:
                 self._finish_chunk(state)
             else:
-                self._calibrate(state, final)
+                state.dec.calibrate(final)
         exited = self._decide(deciding)
         for item, state in zip(items, work):
             item.head = state in exited
@@ -387,60 +360,11 @@ class BatchEngine:
         hidden = self.model.model.embed_tokens(torch.tensor(ids, device=self.device))  # (m, d)
         return Segment(hidden, positions, layers, state.dec.cache)
 
-    def _loop_segment(self, state: RequestState) -> Segment:
-        """The item's next loop: a prompt chunk, or the current token plus ("sync") the waiting
-        tokens that lack this loop, in position order (``AdaptiveDecoder._run_loop``)."""
-        if state.chunk is not None:
-            c = state.chunk
-            return Segment(c.hidden, list(range(c.start, c.start + len(c.ids))),
-                           self.cfg.loop_positions(c.loop + 1), state.dec.cache)
-        tok = state.token
-        loop = tok.loop + 1
-        tok.entering = tok.hidden
-        tok.rows = [w for w in state.dec.waiting if w.depth == loop - 1] if state.dec.kv_mode == "sync" else []
-        hidden = torch.cat([w.hidden.reshape(1, -1) for w in tok.rows] + [tok.hidden], dim=0)
-        positions = [w.position for w in tok.rows] + [tok.position]
-        return Segment(hidden, positions, self.cfg.loop_positions(loop), state.dec.cache)
-
-    def _after_loop(self, state: RequestState, h: torch.Tensor) -> Segment | None:
-        """Bookkeeping after a decode loop (``AdaptiveDecoder._advance``); returns the coda segment
-        of "sync" rows that reached the last loop (their coda KV is recomputed from the full state)."""
-        cfg, tok, dec = self.cfg, state.token, state.dec
-        tok.loop += 1
-        loop = tok.loop
-        tok.hidden = h[-1:]
-        add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), tok.position + 1))
-        if not tok.rows:
-            return None
-        for i, w in enumerate(tok.rows):
-            w.hidden, w.depth = h[i:i + 1][None], loop
-            tok.caught_up.add(w.position)
-            add_into(tok.flops, self.layer_costs(cfg.loop_positions(loop), w.position + 1), key="catchup")
-            if loop == cfg.num_loops:
-                add_into(tok.flops, self.layer_costs(cfg.coda_positions, w.position + 1), key="catchup")
-        done = [w for w in tok.rows if w.depth == cfg.num_loops]
-        dec.waiting = [w for w in dec.waiting if w.depth < cfg.num_loops]
-        tok.rows = []
-        tok.done_rows = done
-        if not done:
-            return None
-        if cfg.num_coda:
-            for p in cfg.coda_positions:
-                dec.cache.layers[p].crop(-len(done))
-        return Segment(torch.cat([w.hidden.reshape(1, -1) for w in done], dim=0), [w.position for w in done],
-                       cfg.coda_positions, dec.cache)
-
-    def _calibrate(self, state: RequestState, final: torch.Tensor) -> None:
-        """FREE's adaptive threshold: caught-up tokens that reached full depth label calibration pairs
-        (their exit prediction vs the full-depth one), as ``AdaptiveDecoder._advance`` does."""
-        dec, done = state.dec, state.token.done_rows
-        if not getattr(dec.policy, "wants_calibration", False):
-            return
-        deep = self.model.lm_head(self.model.model.norm(final)).argmax(-1).tolist()  # final: (len(done), d)
-        dec.calibration_flops += len(done) * dec.costs.head()
-        for w, a in zip(done, deep):
-            if w.exit_signal is not None:
-                dec.policy.calibrate(w.exit_signal, w.exit_argmax == a)
+    def _chunk_segment(self, state: RequestState) -> Segment:
+        """A prompt chunk's next loop."""
+        c = state.chunk
+        return Segment(c.hidden, list(range(c.start, c.start + len(c.ids))), self.cfg.loop_positions(c.loop + 1),
+                       state.dec.cache)
 
     def _finish_chunk(self, state: RequestState) -> None:
         c = state.chunk
@@ -452,87 +376,30 @@ class BatchEngine:
             state.trace.prefill["wall_ms"] = 1000 * (self.now() - state.prefill_started_s)
 
     def _decide(self, deciding: list[RequestState]) -> list[RequestState]:
-        """Exit decisions after this step's loop (``AdaptiveDecoder.step``): halting heads and cosines
-        first, then coda + norm + head for probes (confidence policies) and exits, batched."""
-        cfg = self.cfg
-        headed: list[RequestState] = []
-        for state in deciding:
-            tok, policy = state.token, state.dec.policy
-            tok.logits = tok.probs = tok.halting = tok.router_logit = None
-            if policy.needs_router and cfg.router_type == "expert" and tok.loop < state.dec.max_loops:
-                tok.router_logit = float(self.model.routers.logit(tok.loop + 1, tok.hidden[-1]))
-                add_into(tok.flops, {"decision": state.dec.costs.router()})
-            if policy.needs_halting and tok.loop < cfg.num_loops:
-                tok.halting = float(torch.sigmoid(self.model.halting_logit(tok.loop, tok.hidden[None])[0, -1]))
-                add_into(tok.flops, {"decision": state.dec.costs.halting(cfg.halting_hidden)})
-            if policy.decision_cost == "cosine" and tok.loop < state.dec.max_loops:
-                add_into(tok.flops, {"decision": state.dec.costs.cosine()})
-            if policy.needs_logits:
-                headed.append(state)
-            else:
-                tok.stop, tok.reason = policy.decide(self._observation(state))
-                if tok.stop or state.dec.inspect:
-                    headed.append(state)
+        """Exit decisions after this step's loop: each decoder observes its token; coda + norm + head
+        run batched for the ones that asked for logits (probes, ``inspect``, exits); then each decides."""
+        headed = [state for state in deciding if state.dec.observe()]
+        logits: dict[str, torch.Tensor] = {}
         if headed:
-            segs = [Segment(s.token.hidden, [s.token.position], cfg.coda_positions, s.dec.cache) for s in headed]
-            hidden = torch.cat(self.runner.run(segs), dim=0)  # (n, d)
+            hidden = torch.cat(self.runner.run([state.dec.head_segment() for state in headed]), dim=0)  # (n, d)
             t0 = time.perf_counter()
-            logits = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
+            rows = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
             self.head_s += time.perf_counter() - t0
-            for i, state in enumerate(headed):
-                state.token.logits = logits[i]
-        exited = []
-        for state in deciding:
-            tok, dec = state.token, state.dec
-            probe_cost = sum(self.layer_costs(cfg.coda_positions, tok.position + 1).values()) + dec.costs.head()
-            if dec.policy.needs_logits:
-                tok.probs = torch.softmax(tok.logits.float(), -1)
-                add_into(tok.flops, {"decision": probe_cost + dec.costs.softmax_signals()})
-                tok.stop, tok.reason = dec.policy.decide(self._observation(state))
-            elif dec.inspect:  # candidates to show; the policy decided without them
-                tok.probs = torch.softmax(tok.logits.float(), -1)
-                tok.inspected += probe_cost
-            tok.loops.append(loop_signal(tok.loop, dec.policy, self._observation(state), tok.probs,
-                                          dec.top_tokens))
-            if tok.stop:
-                exited.append(state)
-            elif tok.logits is not None and cfg.num_coda:
-                for p in cfg.coda_positions:  # the probe's coda KV: undone, the token goes on
-                    dec.cache.layers[p].crop(-1)
-        return exited
+            logits = {state.id: rows[i] for i, state in enumerate(headed)}
+        return [state for state in deciding if state.dec.decide(logits.get(state.id))]
 
     def _full_token(self, context: int) -> float:
         """``CostModel.full_token`` (all positions + head), from the cached affine layer costs."""
         return sum(self.layer_costs(range(self.cfg.num_hidden_layers), context).values()) + self.layer_costs.costs.head()
 
-    @staticmethod
-    def _observation(state: RequestState) -> Observation:
-        tok = state.token
-        obs = Observation(tok.loop, state.dec.max_loops, tok.hidden[0], tok.entering[0], tok.probs)
-        obs.halting, obs.router_logit, obs.planned_depth = tok.halting, tok.router_logit, tok.planned
-        return obs
-
     # --- postprocess -------------------------------------------------------------------------------
     def _emit(self, state: RequestState) -> None:
         """Sample the exited token, apply the stop rules, store deeper KV, trace and notify."""
-        cfg, tok, dec = self.cfg, state.token, state.dec
-        ctx = tok.position + 1
-        if dec.policy.needs_logits:  # the last probe is the emitted path: move it out of "decision"
-            tok.flops["decision"] -= sum(self.layer_costs(cfg.coda_positions, ctx).values()) + dec.costs.head()
-        add_into(tok.flops, self.layer_costs(cfg.coda_positions, ctx))
-        add_into(tok.flops, {"head": dec.costs.head()})
-        cos, sin = self.model.model.rope(tok.hidden[None], torch.tensor([[tok.position]], device=self.device))
-        dec.store_deeper_kv(tok.hidden[None], tok.position, tok.loop, (cos, sin), tok.flops)
-        if dec.waiting and dec.waiting[-1].position == tok.position:  # FREE calibration needs these
-            dec.waiting[-1].exit_signal = tok.loops[-1].signal
-            dec.waiting[-1].exit_argmax = int(tok.logits.argmax())
-        if dec.calibration_flops:
-            add_into(tok.flops, {"decision": dec.calibration_flops})
-            dec.calibration_flops = 0.0
+        dec = state.dec
+        tok = dec.finish_token()
         token = choose_token(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
-                        state.generator)
+                             state.generator)
         now = self.now()
-        state.token = None
         if token in state.eos_ids:
             self.finish(state, "eos")
             return
@@ -552,7 +419,7 @@ class BatchEngine:
                          signal_name=dec.policy.signal_name, threshold=dec.policy.threshold, loops=tok.loops,
                          flops=tok.flops, flops_full=self._full_token(dec.length), kv_entries=kv,
                          kv_entries_full=kv_full, caught_up=len(tok.caught_up),
-                         wall_ms=1000 * (now - tok.started_s), inspected_flops=tok.inspected)
+                         wall_ms=1000 * (now - state.token_started_s), inspected_flops=tok.inspected)
         state.trace.steps.append(step)
         if state.request.on_event:
             state.request.on_event(RequestEvent(state.id, step=step))

@@ -1,30 +1,17 @@
-"""The batched layer call: decoder layers over segments of many requests at once, and their FLOP costs."""
+"""The batched layer call: decoder layers over segments of many requests at once."""
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.nn import functional as F
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from ..compute import CostModel
 from ..config import PROJECTIONS
+from ..engine import Segment
 from ..modeling import RecursiveForCausalLM, causal_mask, projection_owner
-
-
-@dataclass
-class Segment:
-    """Consecutive tokens of one request that run the same layer positions in one call."""
-
-    hidden: torch.Tensor  # (m, d) residual stream
-    token_positions: list[int]  # (m,) absolute positions of the tokens (RoPE, causal mask)
-    layer_positions: Sequence[int]  # unrolled layer positions to run, in order
-    cache: DynamicCache  # the request's cache (written at every layer position run)
 
 
 class BlockRunner:
@@ -137,20 +124,3 @@ class BlockRunner:
         h = self._norm(x, groups, "post_norm")
         h = self.act(self._project(h, groups, "gate_proj")) * self._project(h, groups, "up_proj")
         return residual + self._project(h, groups, "down_proj")
-
-
-class LayerCosts:
-    """``CostModel.layers(positions, context)`` without recomputing it per token: every component
-    is affine in the context length (only ``attn_context`` grows), so two evaluations give all."""
-
-    def __init__(self, costs: CostModel):
-        self.costs = costs
-        self._cache: dict[tuple, tuple[dict, dict]] = {}
-
-    def __call__(self, positions, context: int) -> dict[str, float]:
-        key = tuple(positions)
-        if key not in self._cache:
-            a, b = self.costs.layers(positions, 0), self.costs.layers(positions, 1)
-            self._cache[key] = (a, {k: b[k] - a[k] for k in a})
-        a, slope = self._cache[key]
-        return {k: a[k] + slope[k] * context for k in a}
