@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.serving import BatchEngine, Request  # noqa: E402
-from model.engine import encode_prompt  # noqa: E402
-from model.engine import generate  # noqa: E402
+from model.prompts import encode_prompt  # noqa: E402
+from model.generation import generate  # noqa: E402
 from model.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402
 from model.recursify import recursify  # noqa: E402
 from model.recursify import add_routers  # noqa: E402

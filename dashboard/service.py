@@ -20,7 +20,8 @@ from pathlib import Path
 from model import ModelLoadError, load_model, recursify
 from model.checkpoint import default_device
 from model.default import FALLBACK_CONVERSION
-from model.engine import describe_model, encode_prompt, stream
+from model.generation import describe_model, stream
+from model.prompts import encode_prompt
 from model.paths import REPO_ROOT, cache_dir
 from model.policies import make_policy
 from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
@@ -223,7 +224,7 @@ class ModelService:
         return prompt, notice
 
     def start(self, prompt: str, settings: Settings, inspect: bool = True):
-        """A ``model.engine.Stream`` for validated settings (iterate it for TokenSteps)."""
+        """A ``model.generation.Stream`` for validated settings (iterate it for TokenSteps)."""
         loaded = self.current
         self.generations_started += 1
         return stream(loaded.model, loaded.tokenizer, prompt, policy=self.policy_for(settings),
@@ -320,7 +321,7 @@ def start_shared(service: ModelService, prompt: str, settings: Settings, inspect
     """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps.
     Every policy and KV mode runs there; ``inspect`` records the top-5 candidates at every loop."""
     from model.serving import EngineFullError, Request
-    from model.engine import Sampling
+    from model.generation import Sampling
     from model.trace import GenerationTrace
 
     loaded = service.current

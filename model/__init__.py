@@ -5,15 +5,16 @@ Public API::
     from model import load_model, recursify, generate, stream
     from model.policies import FixedDepth, Confidence, Saturation
 """
-from .checkpoint import ModelLoadError, load_model, load_tokenizer, save_checkpoint
+from .checkpoint import load_model, load_tokenizer, save_checkpoint
 from .config import RecursiveConfig
-from .engine import EngineInputError, generate, stream
+from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError
+from .generation import generate, stream
 from .modeling import RecursiveForCausalLM
 from .recursify import recursify
 from .trace import GenerationTrace, LoopSignal, TokenStep
 
 __all__ = [
-    "EngineInputError", "GenerationTrace", "LoopSignal", "ModelLoadError", "RecursiveConfig",
-    "RecursiveForCausalLM", "TokenStep", "generate", "load_model", "load_tokenizer", "recursify",
-    "save_checkpoint", "stream",
+    "DataError", "EngineFullError", "EngineInputError", "GenerationTrace", "LabError", "LoopSignal",
+    "ModelLoadError", "RecursiveConfig", "RecursiveForCausalLM", "TokenStep", "generate", "load_model",
+    "load_tokenizer", "recursify", "save_checkpoint", "stream",
 ]

@@ -11,7 +11,9 @@ import logging
 import sys
 
 from .checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
-from .engine import KV_MODES, EngineInputError, generate
+from .engine import KV_MODES
+from .errors import EngineInputError
+from .generation import generate
 from .modeling import RecursiveForCausalLM
 from .policies import CONFIDENCE_MEASURES, POLICIES, make_policy
 from .recursify import recursify

@@ -19,7 +19,8 @@ from model.serving import (
     compare_strategies,
     gantt_cells,
 )
-from model.engine import Sampling, encode_prompt
+from model.generation import Sampling
+from model.prompts import encode_prompt
 from model.policies import FixedDepth
 from tests.conftest import RandomExits, tiny_llama
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import load_model, recursify
-from model.engine import generate
+from model.generation import generate
 from model.policies import Confidence, FixedDepth
 
 PROMPT = "The capital of France is"

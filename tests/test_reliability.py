@@ -19,7 +19,7 @@ import pytest
 
 from model import recursify
 from model.serving import BatchEngine, EngineWorker
-from model.engine import encode_chat
+from model.prompts import encode_chat
 from model.serving.server import ServerLimits, create_app
 from tests.conftest import serve_in_thread, tiny_llama
 

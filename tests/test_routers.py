@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import RecursiveForCausalLM, generate, recursify
-from model.engine import AdaptiveDecoder, EngineInputError
+from model.engine import AdaptiveDecoder
+from model.errors import EngineInputError
 from model.policies import DepthPolicy, Router
 from model.recursify import add_routers
 from model.routers import expert_choice_forward, routed_forward, share_mask, token_choice_forward

@@ -35,7 +35,7 @@ Each request keeps its own ``AdaptiveDecoder`` (``model.engine``) for the per-se
 cache keyed by unrolled layer position, the KV mode (every one of ``KV_MODES``), the waiting tokens
 of "sync" and the prefix invariant. The engine runs ``AdaptiveDecoder.step`` loop by loop across
 engine steps, so under greedy decoding a request's tokens, depths and counters equal its solo run
-through ``model.engine.generate`` (tests/test_batching.py).
+through ``model.generation.generate`` (tests/test_batching.py).
 """
 from __future__ import annotations
 
@@ -46,16 +46,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..compute import CostModel, LayerCosts
-from ..engine import (
-    KV_MODES,
-    AdaptiveDecoder,
-    Segment,
-    EngineInputError,
-    as_recursive,
-    choose_token,
-    describe_model,
-    eos_token_ids,
-)
+from ..engine import KV_MODES, AdaptiveDecoder, Segment, as_recursive
+from ..errors import EngineInputError
+from ..generation import choose_token, describe_model, eos_token_ids
 from ..modeling import RecursiveForCausalLM
 from ..policies import DepthPolicy, FixedDepth
 from ..trace import GenerationTrace, TokenStep

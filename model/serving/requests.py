@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
-from ..engine import Sampling
+from ..generation import Sampling
 from ..policies import DepthPolicy
 from ..trace import GenerationTrace, TokenStep
 

@@ -41,7 +41,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import KV_MODES, MAX_SEED, Sampling, as_recursive, encode_chat
+from ..engine import KV_MODES, as_recursive
+from ..generation import MAX_SEED, Sampling
+from ..prompts import encode_chat
 from ..errors import EngineFullError, EngineInputError
 from ..policies import POLICIES, make_policy
 from .engine import BatchEngine

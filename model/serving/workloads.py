@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..engine import Sampling
+from ..generation import Sampling
 from ..policies import DepthPolicy
 from .engine import BatchEngine
 from .requests import Request, RequestResult, StepRecord
