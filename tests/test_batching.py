@@ -322,3 +322,31 @@ def test_real_default_conversion_batched_equals_solo(smol):
 
 def test_strategies_are_listed():
     assert set(STRATEGIES) == {"cdb", "ee_sequence", "csb", "static"}
+
+
+@pytest.mark.parametrize("rank", [8, "full"])
+def test_grouped_lora_equals_one_matmul_pair_per_position(smol_tokenizer, rank):
+    """A block call mixing loop positions gives the same outputs with grouped LoRA (one matmul pair
+    over the positions' factors side by side) as with a matmul pair per position."""
+    from model.engine import AdaptiveDecoder, Segment
+    from model.serving import BlockRunner
+
+    rec = recursify(tiny_llama(layers=6, vocab=len(smol_tokenizer)), num_loops=3, sharing="cycle", lora_rank=rank)
+    decoders = [AdaptiveDecoder(rec, RandomExits(0.5, i)) for i in range(5)]
+    for i, dec in enumerate(decoders):
+        dec.prefill(list(range(3, 8 + i)))
+    torch.manual_seed(0)
+    outputs = {}
+    for grouped in (False, True):
+        runner = BlockRunner(rec, grouped_lora=grouped)
+        segments = [Segment(torch.randn(1 + (i == 2), rec.config.hidden_size), list(range(dec.length, dec.length +
+                            1 + (i == 2))), rec.config.loop_positions(1 + i % 3), dec.cache)
+                    for i, dec in enumerate(decoders)]
+        torch.manual_seed(1)
+        segments = [Segment(torch.randn_like(s.hidden), s.token_positions, s.layer_positions, s.cache) for s in segments]
+        outputs[grouped] = runner.run(segments)
+        for dec, seg in zip(decoders, segments):  # undo the KV the call wrote
+            for p in seg.layer_positions:
+                dec.cache.layers[p].crop(-len(seg.token_positions))
+    for a, b in zip(outputs[False], outputs[True]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

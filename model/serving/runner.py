@@ -21,9 +21,16 @@ class BlockRunner:
     map to the same unique layer (same shared weights). The shared projections run once over all
     N tokens; RMSNorm weights and LoRA per group of consecutive segments at one position; attention
     per segment against its own cache. Exactly ``LlamaDecoderLayer.forward`` per token.
+
+    Grouped LoRA (``grouped_lora``): when a call mixes loop positions, every row's LoRA pair is applied
+    in one pair of matmuls over the positions' factors side by side, ``((x @ [A_1..A_G]^T) * M) @
+    [B_1..B_G]^T`` with ``M`` selecting each row's own block, instead of two small matmuls per
+    position. It reads the same weights and costs G times the LoRA FLOPs, so it is used up to
+    ``grouped_max_rows`` rows, where the per-position matmuls are dominated by call overhead. Off by
+    default: on the 2-core CPU it was not faster (benchmarks/mixed_loops.py, docs/RESULTS.md).
     """
 
-    def __init__(self, model: RecursiveForCausalLM):
+    def __init__(self, model: RecursiveForCausalLM, grouped_lora: bool = False, grouped_max_rows: int = 64):
         self.inner = model.model
         self.cfg = model.config
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
@@ -31,6 +38,8 @@ class BlockRunner:
         self.eps = self.inner.layers[0].input_layernorm.variance_epsilon
         self.act = self.inner.layers[0].mlp.act_fn
         self.model_s = 0.0  # time inside the layer maths (projections, norms, attention): not overhead
+        self.grouped_lora, self.grouped_max_rows = grouped_lora, grouped_max_rows
+        self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (positions, projection) -> [A..], [B..]
 
     @staticmethod
     def _position_params(layer) -> dict:
@@ -89,10 +98,17 @@ class BlockRunner:
             out[a:b] = self.params[p][which] * normed[a:b]
         return out
 
-    def _project(self, x: torch.Tensor, groups, name: str) -> torch.Tensor:
-        """Shared linear over all N tokens once, plus each group's LoRA: (N, d_in) -> (N, d_out)."""
+    def _project(self, x: torch.Tensor, groups, name: str, masks: dict | None = None) -> torch.Tensor:
+        """Shared linear over all N tokens once, plus each group's LoRA: (N, d_in) -> (N, d_out).
+        ``masks``: this call's grouped-LoRA block masks by rank (None: a small matmul pair per group)."""
         shared = self.params[groups[0][0]]["shared"][name]
         y = F.linear(x, shared.weight, shared.bias)
+        if masks is not None and all(self.params[p]["lora"][name] is not None for p, _, _ in groups):
+            stacked_a, stacked_b = self._stacked(tuple(p for p, _, _ in groups), name)
+            rank = stacked_a.shape[0] // len(groups)
+            if rank not in masks:
+                masks[rank] = self._select(groups, x.shape[0], rank, x.device, x.dtype)
+            return y + F.linear(F.linear(x, stacked_a) * masks[rank], stacked_b)
         for p, a, b in groups:
             params = self.params[p]
             assert params["shared"][name] is shared, f"position {p} does not share {name} with {groups[0][0]}"
@@ -101,14 +117,39 @@ class BlockRunner:
                 y[a:b] = y[a:b] + F.linear(F.linear(x[a:b], lora[0]), lora[1])
         return y
 
+    def _grouped(self, groups, n: int) -> bool:
+        """Whether this call applies LoRA grouped: several positions and few rows."""
+        return self.grouped_lora and len(groups) > 1 and n <= self.grouped_max_rows
+
+    @staticmethod
+    def _select(groups, n: int, rank: int, device, dtype) -> torch.Tensor:
+        """(N, G·rank) block mask: row i keeps the block of its own group's LoRA factors."""
+        select = torch.zeros(n, len(groups) * rank, device=device, dtype=dtype)
+        for g, (_, a, b) in enumerate(groups):
+            select[a:b, g * rank:(g + 1) * rank] = 1.0
+        return select
+
+    def _stacked(self, positions: tuple[int, ...], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LoRA factors of ``positions`` side by side: A (G·r, d_in), B (d_out, G·r); built once."""
+        key = (positions, name)
+        if key not in self._stacks:
+            shared = self.params[positions[0]]["shared"][name]
+            assert all(self.params[p]["shared"][name] is shared for p in positions), \
+                f"positions {positions} do not share {name}"
+            factors = [self.params[p]["lora"][name] for p in positions]
+            self._stacks[key] = (torch.cat([a for a, _ in factors], dim=0).detach(),
+                                 torch.cat([b for _, b in factors], dim=1).detach())
+        return self._stacks[key]
+
     def _layer(self, x, positions, segs, bounds, cos, sin) -> torch.Tensor:
         groups = self._groups(positions, bounds)
         n, e = x.shape[0], self.cfg.head_dim
+        select = {} if self._grouped(groups, n) else None  # grouped-LoRA masks by rank, built on first use
         residual = x
         h = self._norm(x, groups, "input_norm")
-        q = self._project(h, groups, "q_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
-        k = self._project(h, groups, "k_proj").view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
-        v = self._project(h, groups, "v_proj").view(n, -1, e).transpose(0, 1)[None]
+        q = self._project(h, groups, "q_proj", select).view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
+        k = self._project(h, groups, "k_proj", select).view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
+        v = self._project(h, groups, "v_proj", select).view(n, -1, e).transpose(0, 1)[None]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         outs = []
         for i, seg in enumerate(segs):
@@ -118,9 +159,9 @@ class BlockRunner:
             mask = None if b - a == 1 else causal_mask(b - a, keys.shape[2], x.dtype, x.device)
             out, _ = self.attention(attn, q[:, :, a:b], keys, values, mask, dropout=0.0, scaling=attn.scaling)
             outs.append(out.reshape(b - a, -1))  # (m, H*e)
-        h = self._project(torch.cat(outs, dim=0), groups, "o_proj")
+        h = self._project(torch.cat(outs, dim=0), groups, "o_proj", select)
         x = residual + h
         residual = x
         h = self._norm(x, groups, "post_norm")
-        h = self.act(self._project(h, groups, "gate_proj")) * self._project(h, groups, "up_proj")
-        return residual + self._project(h, groups, "down_proj")
+        h = self.act(self._project(h, groups, "gate_proj", select)) * self._project(h, groups, "up_proj", select)
+        return residual + self._project(h, groups, "down_proj", select)
