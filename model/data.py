@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import DataError
-from model.paths import ASSETS_DIR, cache_dir
+from model.paths import ASSETS_DIR, cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +155,6 @@ def tokens_dir(seq_len: int | None = None) -> Path:
     return cache_dir("data", "tokens") if seq_len is None else cache_dir("data", "tokens", f"seq{seq_len}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _run(cmd: Sequence[str], cwd: Path | None = None, **kwargs: Any) -> subprocess.CompletedProcess:
     """Run a command; turn a missing tool or a non-zero exit into ``DataError``."""
     if shutil.which(cmd[0]) is None:
@@ -201,7 +193,7 @@ def read_manifest() -> dict[str, dict[str, str]]:
 def _record(manifest: dict[str, dict[str, str]], archive: Path, registry: str, package: str, version: str) -> None:
     key = str(archive.relative_to(raw_dir()))
     if key not in manifest:
-        manifest[key] = {"registry": registry, "package": package, "version": version, "sha256": _sha256(archive)}
+        manifest[key] = {"registry": registry, "package": package, "version": version, "sha256": file_sha256(archive)}
 
 
 def _deb_archive(package: str) -> Path | None:
@@ -874,7 +866,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def tokenize_source(tokenizer: Any, source: str, batch_docs: int = 512) -> TokenizedSource:
     """Tokenize a source's documents, cached in ``tokens/docs/<source>.npz`` per tokenizer and docs file."""
     path = tokens_dir() / "docs" / f"{source}.npz"
-    key = f"{tokenizer_fingerprint(tokenizer)}:{_sha256(docs_path(source))}"
+    key = f"{tokenizer_fingerprint(tokenizer)}:{file_sha256(docs_path(source))}"
     if path.exists():
         cached = np.load(path)
         if str(cached["key"]) == key:
@@ -989,7 +981,7 @@ def _data_key(sources: Sequence[str]) -> str:
     """Hash of the raw-archive manifest and the extracted documents."""
     digest = hashlib.sha256(_manifest_path().read_bytes() if _manifest_path().exists() else b"")
     for source in sources:
-        digest.update(f"{source}:{_sha256(docs_path(source))}".encode())
+        digest.update(f"{source}:{file_sha256(docs_path(source))}".encode())
     return digest.hexdigest()[:16]
 
 

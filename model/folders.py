@@ -14,7 +14,6 @@ Names (``"default"``, Hub ids) are resolved one level up, in ``checkpoint.load_m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -31,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from . import modeling  # noqa: F401  (registers recursive_llama with the Auto classes)
 from .errors import ModelLoadError
-from .paths import cache_dir
+from .paths import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +112,6 @@ def check_loaded(model: PreTrainedModel, info: dict, where: str) -> PreTrainedMo
 
 
 # --- checksums --------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_checksums(folder: Path) -> None:
