@@ -17,7 +17,7 @@ from model.paths import ASSETS_DIR
 from model.trace import GenerationTrace
 
 from . import plots, render
-from .service import ModelService, ServiceError, batching_lab, start_shared
+from .service import ModelService, ServiceError, batching_lab, load_trace, start_shared
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
@@ -185,6 +185,12 @@ def build_app(service: ModelService) -> gr.Blocks:
                 with gr.Row():
                     trace_file = gr.File(label="Trace (JSON)", interactive=False, elem_id="trace-file")
                     status = gr.Markdown("", elem_id="status")
+                with gr.Accordion("Replay a trace file (no model needed)", open=False, elem_id="replay"):
+                    with gr.Row():
+                        replay_file = gr.File(label="Trace JSON (this page's download, `python -m model.generate "
+                                                    "--json`, or the server)", file_types=[".json"],
+                                              elem_id="replay-file")
+                        replay_btn = gr.Button("Replay", elem_id="replay-run", scale=0)
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("One prompt, several depth settings. Quality is the teacher-forced top-1 agreement "
@@ -328,6 +334,20 @@ def build_app(service: ModelService) -> gr.Blocks:
             return render.token_details(trace, index)
 
         tokens.select(show_token, [trace_state], [details], api_name="token_details")
+
+        @user_errors
+        def replay(path):
+            """Every Live view rebuilt from a trace file alone."""
+            trace = load_trace(path)
+            depth = max([s.max_depth for s in trace.steps] or [trace.model.get("num_loops", 1)])
+            note = f"Replayed a trace of **{trace.model.get('name', 'a model')}**: {len(trace.steps)} tokens."
+            return (gr.update(value=render.highlighted(trace), color_map=render.colour_map(depth)),
+                    render.counters(trace), *_figures(trace), trace.to_dict(), note, render.token_details(trace, None),
+                    render.legend_html(depth))
+
+        replay_btn.click(replay, [replay_file],
+                         [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, status,
+                          details, legend], api_name="replay_trace")
 
         @gpu
         @user_errors

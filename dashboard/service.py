@@ -22,9 +22,11 @@ from model.checkpoint import default_device
 from model.default import FALLBACK_CONVERSION
 from model.generation import describe_model, stream
 from model.prompts import encode_prompt
+from model.errors import TraceFormatError
 from model.paths import REPO_ROOT, cache_dir
 from model.policies import make_policy
 from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
+from model.trace import GenerationTrace
 
 from .settings import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, Settings
 
@@ -322,7 +324,6 @@ def start_shared(service: ModelService, prompt: str, settings: Settings, inspect
     Every policy and KV mode runs there; ``inspect`` records the top-5 candidates at every loop."""
     from model.serving import EngineFullError, Request
     from model.generation import Sampling
-    from model.trace import GenerationTrace
 
     loaded = service.current
     ids = encode_prompt(loaded.tokenizer, prompt, settings.chat)
@@ -338,6 +339,18 @@ def start_shared(service: ModelService, prompt: str, settings: Settings, inspect
         return SharedStream(events, trace)
     except EngineFullError as exc:
         raise ServiceError(str(exc)) from exc
+
+
+def load_trace(path: str | None) -> GenerationTrace:
+    """A trace file a visitor uploaded (size-limited by the upload endpoint); ``ServiceError`` if it is none."""
+    if not path:
+        raise ServiceError("Pick a trace file (.json) to replay.")
+    try:
+        return GenerationTrace.from_json(Path(path).read_bytes())
+    except TraceFormatError as exc:
+        raise ServiceError(f"This file is not a trace this version can replay: {exc}") from exc
+    except OSError as exc:
+        raise ServiceError(f"The trace file could not be read ({exc.strerror}).") from exc
 
 
 def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: float, strategies: list[str],

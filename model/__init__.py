@@ -7,7 +7,7 @@ Public API::
 """
 from .checkpoint import load_model, load_tokenizer, save_checkpoint
 from .config import RecursiveConfig
-from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError
+from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError, TraceFormatError
 from .generation import generate, stream
 from .modeling import RecursiveForCausalLM
 from .recursify import recursify
@@ -16,5 +16,5 @@ from .trace import GenerationTrace, LoopSignal, TokenStep
 __all__ = [
     "DataError", "EngineFullError", "EngineInputError", "GenerationTrace", "LabError", "LoopSignal",
     "ModelLoadError", "RecursiveConfig", "RecursiveForCausalLM", "TokenStep", "generate", "load_model",
-    "load_tokenizer", "recursify", "save_checkpoint", "stream",
+    "load_tokenizer", "recursify", "save_checkpoint", "stream", "TraceFormatError",
 ]

@@ -23,3 +23,7 @@ class EngineFullError(LabError, RuntimeError):
 
 class DataError(LabError, RuntimeError):
     """A corpus source could not be fetched, read or split; the message says which and why."""
+
+
+class TraceFormatError(LabError, ValueError):
+    """A trace file that is not a trace of a supported schema version; the message says what is wrong."""

@@ -2,11 +2,18 @@
 
 A ``GenerationTrace`` is what one generation did, token by token: how deep each token went, why it
 stopped, the per-loop signals, and what it cost. ``to_dict()``/``from_dict()`` round-trip through
-JSON, so the dashboard, the benchmarks and the CLI all read the same numbers.
+JSON, so the dashboard, the benchmarks and the CLI all read the same numbers. A written trace
+carries ``schema`` (``TRACE_SCHEMA``); ``from_dict`` checks it and every field, so a file from
+elsewhere either replays exactly or raises ``TraceFormatError`` saying what is wrong.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import TraceFormatError
+
+TRACE_SCHEMA = 1  # version of the JSON layout below; traces written before it had none (read as 1)
 
 
 @dataclass
@@ -132,18 +139,49 @@ class GenerationTrace:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["schema"] = TRACE_SCHEMA
         d["text"] = self.text
         d["totals"] = self.totals()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationTrace":
-        steps = []
-        for s in d.get("steps", []):
-            s = dict(s)
-            s["loops"] = [LoopSignal(**{**l, "top_tokens": [tuple(t) for t in l["top_tokens"]]
-                                        if l.get("top_tokens") is not None else None}) for l in s["loops"]]
-            steps.append(TokenStep(**s))
+        """The trace ``to_dict`` wrote; ``TraceFormatError`` names the first thing that does not fit."""
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"a trace is a JSON object, not a {type(d).__name__}")
+        if d.get("schema", TRACE_SCHEMA) != TRACE_SCHEMA:
+            raise TraceFormatError(f"trace schema {d.get('schema')!r} is not supported (this version reads "
+                                   f"{TRACE_SCHEMA})")
+        for key, kind in (("prompt", str), ("prompt_tokens", int), ("settings", dict), ("model", dict),
+                          ("steps", list)):
+            if not isinstance(d.get(key), kind):
+                raise TraceFormatError(f"the trace's {key!r} is missing or not a {kind.__name__}")
+        steps = [_step_from_dict(i, s) for i, s in enumerate(d["steps"])]
         keep = {k: d[k] for k in ("prompt", "prompt_tokens", "settings", "model", "prefill",
                                   "finish_reason", "notes") if k in d}
         return cls(**keep, steps=steps)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "GenerationTrace":
+        """A trace from the text of a trace file (the dashboard's download, the CLI's ``--json``)."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TraceFormatError(f"not JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+
+def _step_from_dict(index: int, s) -> TokenStep:
+    """One ``TokenStep`` of a trace file, with its loop signals; ``TraceFormatError`` if it does not fit."""
+    known = {f.name for f in fields(TokenStep)}
+    try:
+        if not isinstance(s, dict) or not isinstance(s.get("loops"), list):
+            raise TypeError("a step is an object with a list of loops")
+        loops = [LoopSignal(**{**l, "top_tokens": [tuple(t) for t in l["top_tokens"]]
+                                if l.get("top_tokens") is not None else None}) for l in s["loops"]]
+        step = TokenStep(**{**{k: v for k, v in s.items() if k in known}, "loops": loops})
+    except (TypeError, KeyError, ValueError) as exc:
+        raise TraceFormatError(f"step {index} of the trace does not fit: {exc}") from exc
+    if not isinstance(step.depth, int) or not isinstance(step.flops, dict) or not isinstance(step.text, str):
+        raise TraceFormatError(f"step {index} of the trace has a wrong type (depth, flops or text)")
+    return step

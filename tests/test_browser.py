@@ -129,3 +129,22 @@ def test_bad_input_shows_a_message_not_a_stack_trace(page):
     page.wait_for_selector("text=prompt is empty", timeout=TIMEOUT_MS)
     body = page.inner_text("body")
     assert "Traceback" not in body and 'File "' not in body
+
+
+def test_a_trace_file_replays_in_the_live_tab(page, smol_tokenizer, tmp_path):
+    from model import generate
+    from model.policies import Confidence
+
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer), seed=5), num_loops=2, lora_rank=4)
+    trace = generate(rec, smol_tokenizer, "Replay me", policy=Confidence(0.01), max_new_tokens=5, inspect=True,
+                     model_name="another model")
+    path = tmp_path / "trace.json"
+    path.write_text(__import__("json").dumps(trace.to_dict()))
+    page.get_by_role("tab", name="Live").click()
+    page.click("#replay .label-wrap")
+    page.set_input_files("#replay-file input[type=file]", str(path))
+    page.click("#replay-run")
+    wait_text(page, "#status", "Replayed a trace of another model")
+    assert page.locator("#tokens .token").count() == len(trace.steps)
+    assert "2 loops" in page.inner_text("#legend")
+    shoot(page, "replay")

@@ -200,3 +200,21 @@ def test_router_sweep_needs_a_routed_model(app):
     with pytest.raises(Exception, match="no routers"):
         client.predict("The quick brown fox jumps over the lazy dog.", "router", "max_prob",
                        "confidence", 0.5, 1, "max_prob", 3, api_name="/sweep")
+
+
+def test_a_downloaded_trace_replays_every_live_view_without_a_model(app, tmp_path):
+    from gradio_client import handle_file
+
+    _, client = app
+    live = client.predict(*live_args(max_new_v=6), api_name="/generate")
+    replayed = client.predict(handle_file(live[7]), api_name="/replay_trace")  # [7]: the trace file (States are not in the API)
+    assert replayed[0]["value"] == live[0]  # the coloured tokens (an update that also sets the colours)
+    assert replayed[1] == live[1] and "Replayed" in replayed[7]  # the counters, the status line
+    assert [json.loads(replayed[i]["plot"]) == json.loads(live[i]["plot"]) for i in range(2, 7)] == [True] * 5
+    bad = tmp_path / "not-a-trace.json"
+    bad.write_text('{"prompt": "hi", "steps": "many"}')
+    with pytest.raises(Exception, match="not a trace"):
+        client.predict(handle_file(str(bad)), api_name="/replay_trace")
+    bad.write_text("{not json")
+    with pytest.raises(Exception, match="not JSON"):
+        client.predict(handle_file(str(bad)), api_name="/replay_trace")
