@@ -63,8 +63,9 @@ def cumulative_compute(trace: GenerationTrace | None) -> go.Figure:
             used.append(u / 1e9)
             full.append(f / 1e9)
         x = list(range(1, len(trace.steps) + 1))
-        fig.add_scatter(x=x, y=full, name="full depth", line=dict(color="#888", dash="dash"))
-        fig.add_scatter(x=x, y=used, name="this run (incl. decisions)", line=dict(color="#2A788E", width=3))
+        # the run first, full depth on top: where they coincide the dashed line stays visible
+        fig.add_scatter(x=x, y=used, name="this run (incl. decisions)", line=dict(color="#2A788E", width=4))
+        fig.add_scatter(x=x, y=full, name="full depth", line=dict(color="#444", dash="dash", width=2))
     fig.update_layout(title="Compute used vs full depth (cumulative)", xaxis_title="generated tokens",
                       yaxis_title="GFLOP", **LAYOUT)
     return fig
@@ -73,12 +74,16 @@ def cumulative_compute(trace: GenerationTrace | None) -> go.Figure:
 def compare_chart(points: list[dict]) -> go.Figure:
     """Quality (teacher-forced agreement with the full-depth answer) vs compute, one point per column."""
     fig = go.Figure()
-    for p in points:
+    for i, p in enumerate(points):  # labels alternate above and below: columns often sit close together
         fig.add_scatter(x=[100 - p["saved_pct"]], y=[p["agreement"]], mode="markers+text", text=[p["label"]],
-                        textposition="top center", marker=dict(size=12), name=p["label"])
+                        textposition="top center" if i % 2 == 0 else "bottom center", marker=dict(size=12),
+                        name=p["label"], cliponaxis=False)
+    xs = [100 - p["saved_pct"] for p in points] or [100]
+    pad = max(5.0, 0.15 * (max(xs) - min(xs)))  # room for the labels at both ends
     fig.update_layout(title="Quality vs compute (teacher-forced on the full-depth answer)",
                       xaxis_title="compute per token, % of full depth", yaxis_title="top-1 agreement with full depth",
-                      yaxis_range=[0, 1.05], showlegend=False, **LAYOUT)
+                      yaxis_range=[-0.05, 1.22], xaxis_range=[min(xs) - pad, max(xs) + pad], showlegend=False,
+                      **{**LAYOUT, "margin": dict(l=50, r=30, t=60, b=40)})
     return fig
 
 

@@ -95,6 +95,8 @@ def test_compare_tab_runs_four_columns(page):
                            "e => e.querySelector('.token')).length >= 4", timeout=TIMEOUT_MS)
     assert page.locator("#cmp-plot .js-plotly-plot").count() == 1
     assert page.locator("text=teacher-forced agreement").count() >= 4
+    heights = page.eval_on_selector_all(".cmp-text", "els => els.map(e => Math.round(e.getBoundingClientRect().height))")
+    assert len(heights) == 4 and len(set(heights)) == 1  # the answers sit in boxes of one height
     shoot(page, "compare")
 
 

@@ -1,0 +1,25 @@
+"""The dashboard's plotly figures: what they draw and that nothing hides (built from traces, no browser)."""
+from __future__ import annotations
+
+from dashboard import plots
+from model import generate, recursify
+from model.policies import FixedDepth
+from tests.conftest import tiny_llama
+
+
+def test_the_full_depth_line_is_drawn_over_the_run(smol_tokenizer):
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=2, lora_rank=4)
+    trace = generate(rec, smol_tokenizer, "Hi", policy=FixedDepth(2), max_new_tokens=4)  # full depth: equal lines
+    fig = plots.cumulative_compute(trace)
+    assert [t.name for t in fig.data] == ["this run (incl. decisions)", "full depth"]  # the last trace is on top
+    assert fig.data[1].line.dash == "dash"
+
+
+def test_compare_labels_have_room_at_the_top_and_the_sides():
+    points = [{"saved_pct": 0.0, "agreement": 1.0, "label": "1: full depth"},
+              {"saved_pct": 40.0, "agreement": 0.3, "label": "2: fixed depth 1"},
+              {"saved_pct": -8.0, "agreement": 0.9, "label": "3: confidence (max_prob) ≥ 0.2"}]
+    fig = plots.compare_chart(points)
+    assert fig.layout.yaxis.range[1] > 1.15 and all(t.cliponaxis is False for t in fig.data)
+    low, high = fig.layout.xaxis.range
+    assert low < 60 - 4 and high > 108 + 4
