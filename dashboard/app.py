@@ -17,8 +17,8 @@ from model.paths import ASSETS_DIR
 from model.trace import GenerationTrace
 
 from . import plots, render
-from .service import ModelService, ServiceError, batching_lab, load_trace, start_shared
-from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError
+from .service import ModelService, ServiceError, batching_lab, load_share_file, load_trace, start_shared
+from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError, from_share, share_dict
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
     import spaces
@@ -97,15 +97,19 @@ def trace_dir() -> Path:
     return folder
 
 
-def _write_trace(trace: GenerationTrace) -> str:
-    """Write a run's trace JSON for the download button, keeping only the newest ``KEEP_TRACES`` files."""
-    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="trace-", delete=False, dir=trace_dir())
+def _write_download(prefix: str, data: dict) -> str:
+    """Write a JSON file for a download button, keeping only the newest ``KEEP_TRACES`` of this kind."""
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f"{prefix}-", delete=False, dir=trace_dir())
     with tmp:
-        json.dump(trace.to_dict(), tmp, indent=1)
-    old = sorted(trace_dir().glob("trace-*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_TRACES]
+        json.dump(data, tmp, indent=1)
+    old = sorted(trace_dir().glob(f"{prefix}-*.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_TRACES]
     for path in old:
         path.unlink(missing_ok=True)
     return tmp.name
+
+
+def _write_trace(trace: GenerationTrace) -> str:
+    return _write_download("trace", trace.to_dict())
 
 
 def launch_options() -> dict:
@@ -184,6 +188,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                     hist_plot = gr.Plot(plots.signal_histograms(None), elem_id="signal-hist")
                 with gr.Row():
                     trace_file = gr.File(label="Trace (JSON)", interactive=False, elem_id="trace-file")
+                    share_file = gr.File(label="Share file (prompt + settings + model)", interactive=False,
+                                         elem_id="share-file")
                     status = gr.Markdown("", elem_id="status")
                 with gr.Accordion("Replay a trace file (no model needed)", open=False, elem_id="replay"):
                     with gr.Row():
@@ -191,6 +197,10 @@ def build_app(service: ModelService) -> gr.Blocks:
                                                     "--json`, or the server)", file_types=[".json"],
                                               elem_id="replay-file")
                         replay_btn = gr.Button("Replay", elem_id="replay-run", scale=0)
+                    with gr.Row():
+                        share_in = gr.File(label="Share file: puts its prompt and settings into this tab",
+                                           file_types=[".json"], elem_id="share-in")
+                        share_btn = gr.Button("Load settings", elem_id="share-load", scale=0)
             # ---------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("One prompt, several depth settings. Quality is the teacher-forced top-1 agreement "
@@ -268,7 +278,7 @@ def build_app(service: ModelService) -> gr.Blocks:
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
                        temperature, top_p, rep_pen, seed, time_full, shared]
         live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
-                        status, details]
+                        status, details, share_file]
 
         @gpu
         @user_errors
@@ -291,7 +301,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                         if now - last_plot > PLOT_EVERY_S:
                             figs, last_plot = _figures(s.trace), now
                         yield (render.highlighted(s.trace), render.counters(s.trace, running=True), *figs,
-                               gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip())
+                               gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip(), gr.skip())
                 finally:
                     s.close()
                     service.last_finish_reason = s.trace.finish_reason
@@ -299,7 +309,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                 speedup = None
                 if time_full_v:
                     yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
-                           "Timing the same prompt at full depth…", gr.skip())
+                           "Timing the same prompt at full depth…", gr.skip(), gr.skip())
                     full_settings = service.full_depth_settings(settings)
                     full = (start_shared(service, text, full_settings, inspect=False) if use_engine
                             else service.start(text, full_settings, inspect=False))
@@ -313,8 +323,9 @@ def build_app(service: ModelService) -> gr.Blocks:
             done = f"Done: {len(trace.steps)} tokens, finish reason **{trace.finish_reason}**."
             if trace.notes:
                 done += " " + " ".join(f"_{n}_" for n in trace.notes)
+            share = _write_download("share", share_dict(prompt_v, settings, service.current.label))
             yield (render.highlighted(trace), render.counters(trace, speedup), *_figures(trace), trace.to_dict(),
-                   _write_trace(trace), done, render.token_details(trace, None))
+                   _write_trace(trace), done, render.token_details(trace, None), share)
 
         def _figures(trace):
             return (plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace),
@@ -344,6 +355,20 @@ def build_app(service: ModelService) -> gr.Blocks:
             return (gr.update(value=render.highlighted(trace), color_map=render.colour_map(depth)),
                     render.counters(trace), *_figures(trace), trace.to_dict(), note, render.token_details(trace, None),
                     render.legend_html(depth))
+
+        @user_errors
+        def load_share(path):
+            """A share file's prompt and settings into the Live inputs (the model is named, not loaded)."""
+            prompt_s, st, model_label = from_share(load_share_file(path))
+            note = f"Loaded the settings of a run of **{model_label}**."
+            if model_label != service.current.label:
+                note += " This page has another model loaded: pick that one in the Model tab to reproduce the run."
+            return (prompt_s, st.chat, st.policy, st.threshold, st.depth, st.measure, st.max_loops, st.kv_mode,
+                    st.max_new_tokens, st.temperature, st.top_p, st.repetition_penalty, st.seed, note)
+
+        share_btn.click(load_share, [share_in],
+                        [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new, temperature,
+                         top_p, rep_pen, seed, status], api_name="load_share")
 
         replay_btn.click(replay, [replay_file],
                          [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, status,

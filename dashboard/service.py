@@ -11,6 +11,7 @@ off unless ``LAB_ALLOW_LOCAL_CHECKPOINTS=1`` (or ``app.py --allow-local-checkpoi
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -351,6 +352,18 @@ def load_trace(path: str | None) -> GenerationTrace:
         raise ServiceError(f"This file is not a trace this version can replay: {exc}") from exc
     except OSError as exc:
         raise ServiceError(f"The trace file could not be read ({exc.strerror}).") from exc
+
+
+def load_share_file(path: str | None):
+    """The JSON of an uploaded share file (its fields are checked by ``settings.from_share``)."""
+    if not path:
+        raise ServiceError("Pick a share file (.json) to load.")
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError(f"This share file is not JSON ({exc}).") from exc
+    except OSError as exc:
+        raise ServiceError(f"The share file could not be read ({exc.strerror}).") from exc
 
 
 def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: float, strategies: list[str],

@@ -1,7 +1,7 @@
 """UI settings: limits and validation at the boundary (clear messages, no stack traces)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from model.engine import KV_MODES
 from model.policies import CONFIDENCE_MEASURES, POLICIES, make_policy
@@ -75,3 +75,29 @@ class Settings:
             return f"adaptive ({self.measure}, from {self.threshold:.2f})"
         measure = f" ({self.measure})" if self.policy == "confidence" else ""
         return f"{self.policy}{measure} ≥ {self.threshold:.2f}"
+
+
+# --- share files: what another user needs to reproduce a Live run ---------------------------------------
+SHARE_KIND = "adaptive-depth-lab share"
+SHARE_SCHEMA = 1
+
+
+def share_dict(prompt: str, settings: Settings, model_label: str) -> dict:
+    """A compact, plain-JSON description of a Live run: the prompt, every setting, the model's label."""
+    return {"kind": SHARE_KIND, "schema": SHARE_SCHEMA, "model": model_label, "prompt": prompt,
+            "settings": asdict(settings)}
+
+
+def from_share(data) -> tuple[str, Settings, str]:
+    """``(prompt, settings, model label)`` of a share file; ``SettingsError`` says what is wrong with it."""
+    if not isinstance(data, dict) or data.get("kind") != SHARE_KIND:
+        raise SettingsError("This file is not a share file of the Adaptive-Depth Lab (a trace file? use Replay).")
+    if data.get("schema") != SHARE_SCHEMA:
+        raise SettingsError(f"share file schema {data.get('schema')!r} is not supported (this version reads "
+                            f"{SHARE_SCHEMA})")
+    values, prompt, model = data.get("settings"), data.get("prompt"), data.get("model")
+    known = {f.name for f in fields(Settings)}
+    if not isinstance(values, dict) or not isinstance(prompt, str) or not isinstance(model, str) \
+            or set(values) - known:
+        raise SettingsError("The share file's prompt, model or settings are missing or malformed.")
+    return prompt, Settings(**values), model

@@ -218,3 +218,22 @@ def test_a_downloaded_trace_replays_every_live_view_without_a_model(app, tmp_pat
     bad.write_text("{not json")
     with pytest.raises(Exception, match="not JSON"):
         client.predict(handle_file(str(bad)), api_name="/replay_trace")
+
+
+def test_a_share_file_puts_the_run_back_into_the_live_inputs(app, tmp_path):
+    from gradio_client import handle_file
+
+    _, client = app
+    live = client.predict(*live_args(policy_v="saturation", threshold_v=0.8, max_new_v=5, seed_v=7, kv_v="copy"),
+                          api_name="/generate")
+    share = json.load(open(live[10]))
+    assert share["model"] == "tiny random recursive model" and share["settings"]["kv_mode"] == "copy"
+    values = client.predict(handle_file(live[10]), api_name="/load_share")
+    assert values[0] == "Hello there" and values[2:4] == ("saturation", 0.8) and values[7] == "copy"
+    assert values[12] == 7 and "Loaded the settings" in values[13]
+    again = client.predict(*values[:13], False, False, api_name="/generate")  # the same run, reproduced
+    assert again[0] == live[0]
+    bad = tmp_path / "trace.json"
+    bad.write_text(open(live[7]).read())
+    with pytest.raises(Exception, match="not a share file"):
+        client.predict(handle_file(str(bad)), api_name="/load_share")
