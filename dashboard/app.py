@@ -225,6 +225,15 @@ def build_app(service: ModelService) -> gr.Blocks:
                                                                 show_inline_category=False, label="answer",
                                                                 elem_classes=["cmp-text"]))
                             col_counters.append(gr.HTML(""))
+                    with gr.Column(min_width=220):
+                        gr.Markdown("**The teacher** (SmolLM2-135M-Instruct, no sharing)")
+                        teacher_en = gr.Checkbox(value=False, label="enabled", elem_id="cmp-teacher",
+                                                 info="its greedy answer, and how often it would have said each "
+                                                      "token of the full-depth answer")
+                        teacher_text = gr.HighlightedText(color_map=render.colour_map(1), show_legend=False,
+                                                          show_inline_category=False, label="teacher's answer",
+                                                          elem_classes=["cmp-text"], elem_id="cmp-teacher-text")
+                        teacher_counts = gr.HTML("", elem_id="cmp-teacher-quality")
                 cmp_plot = gr.Plot(plots.compare_chart([]), elem_id="cmp-plot")
                 cmp_status = gr.Markdown("")
             # ---------------------------------------------------------------- Sweep
@@ -376,7 +385,8 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         @gpu
         @user_errors
-        def run_compare(prompt_v, max_new_v, *cols):
+        def run_compare(prompt_v, max_new_v, *cols_and_teacher):
+            *cols, teacher_v = cols_and_teacher  # four inputs per column, then the teacher's checkbox
             text, notice = service.prepare_prompt(prompt_v, True)
             if notice:
                 gr.Warning(notice)
@@ -415,10 +425,23 @@ def build_app(service: ModelService) -> gr.Blocks:
                                  f"<div class='quality'>teacher-forced agreement <b>{quality['agreement']:.2f}</b>"
                                  f" at {100 - quality['saved_pct']:.0f}% compute · generated tokens equal to "
                                  f"full depth: {same:.2f}</div>")
-                    yield (*texts, *counts, plots.compare_chart(points), f"Ran {len(points)}/{len(columns)} columns…")
-            yield (*texts, *counts, plots.compare_chart(points), "Done.")
+                    yield (*texts, *counts, plots.compare_chart(points), f"Ran {len(points)}/{len(columns)} columns…",
+                           gr.skip(), gr.skip())
+                teacher_view, teacher_note = [], "<i>disabled</i>"
+                if teacher_v:
+                    yield (*texts, *counts, plots.compare_chart(points), "Running the teacher…", gr.skip(), gr.skip())
+                    answer = service.teacher_answer(text, int(max_new_v))
+                    agree = service.teacher_agreement(text, ref_ids)
+                    got = [st.token_id for st in answer.steps]
+                    same = sum(a == b for a, b in zip(got, ref_ids)) / len(ref_ids)
+                    teacher_view = render.highlighted(answer)
+                    teacher_note = (f"<div class='quality'>the teacher's top-1 choice for <b>{agree:.2f}</b> of the "
+                                    f"full-depth answer's tokens (teacher-forced) · its own answer equal to the "
+                                    f"full-depth one token for token: {same:.2f}</div>")
+            yield (*texts, *counts, plots.compare_chart(points), "Done.", teacher_view, teacher_note)
 
-        cmp_btn.click(run_compare, [cmp_prompt, cmp_new, *col_inputs], [*col_texts, *col_counters, cmp_plot, cmp_status],
+        cmp_btn.click(run_compare, [cmp_prompt, cmp_new, *col_inputs, teacher_en],
+                      [*col_texts, *col_counters, cmp_plot, cmp_status, teacher_text, teacher_counts],
                       api_name="compare", concurrency_id="model", concurrency_limit=1)
 
         @gpu

@@ -133,6 +133,7 @@ class ModelService:
         self._adaptive: dict = {}  # FREE's adaptive threshold learns across sequences: one per model/measure
         self._worker = None  # the shared continuous depth-wise batching engine (one per loaded model)
         self._worker_label: str | None = None
+        self._teacher: Loaded | None = None
         self.generations_started = 0
         if preload is not None:
             self._remember(preload)
@@ -268,6 +269,37 @@ class ModelService:
         here = evaluate_depths(scores, replay(scores, policy, current.max_loops), policy, current.threshold)
         return {"family": family, "fixed": fixed, "current": {**here.to_dict(), "label": current.label()},
                 "tokens": len(scores.token_ids), "policy": policy_name, "measure": measure}
+
+    # --- the teacher beside it ----------------------------------------------------------------
+    def teacher(self) -> Loaded:
+        """The original model (the embedded SmolLM2, no sharing), loaded once and kept."""
+        if self._teacher is None:
+            try:
+                self._teacher = self._build(TEACHER)
+            except ModelLoadError as exc:
+                raise ServiceError(f"The teacher could not be loaded: {exc}") from exc
+        return self._teacher
+
+    def teacher_answer(self, prompt: str, max_new_tokens: int, repetition_penalty: float = 1.1):
+        """The teacher's greedy chat answer to ``prompt`` (a ``GenerationTrace``, one loop per token),
+        decoded as the Compare columns are (repetition penalty 1.1)."""
+        teacher = self.teacher()
+        run = stream(teacher.model, teacher.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=True,
+                     repetition_penalty=repetition_penalty, model_name=teacher.label,
+                     max_prompt_tokens=MAX_PROMPT_TOKENS + 64)
+        for _ in run:
+            pass
+        return run.trace
+
+    def teacher_agreement(self, prompt: str, answer_ids: list[int]) -> float:
+        """Teacher-forced on an answer of the loaded model: the share of its tokens that are the
+        teacher's own top-1 choice at that point (1.0: the teacher would have said every token)."""
+        if not answer_ids:
+            return 0.0
+        teacher = self.teacher()
+        prompt_ids = encode_prompt(teacher.tokenizer, prompt, True)
+        scores = score_ids(teacher.model, prompt_ids + answer_ids, first=len(prompt_ids))
+        return sum(row[-1] == t for row, t in zip(scores.argmax, answer_ids)) / len(answer_ids)
 
     def policy_for(self, settings: Settings):
         """A policy for these settings; the adaptive one persists so that it keeps calibrating."""

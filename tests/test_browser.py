@@ -89,14 +89,16 @@ def test_live_tab_streams_coloured_tokens_plots_and_details(page):
 
 def test_compare_tab_runs_four_columns(page):
     page.get_by_role("tab", name="Compare").click()
+    page.check("#cmp-teacher input[type=checkbox]")  # the teacher as a fifth column
     page.click("#cmp-run")
     wait_text(page, "#cmp-plot", "Quality vs compute")
+    wait_text(page, "#cmp-teacher-quality", "the teacher's top-1 choice")
     page.wait_for_function("() => [...document.querySelectorAll('.cmp-text')].filter("
                            "e => e.querySelector('.token')).length >= 4", timeout=TIMEOUT_MS)
     assert page.locator("#cmp-plot .js-plotly-plot").count() == 1
     assert page.locator("text=teacher-forced agreement").count() >= 4
     heights = page.eval_on_selector_all(".cmp-text", "els => els.map(e => Math.round(e.getBoundingClientRect().height))")
-    assert len(heights) == 4 and len(set(heights)) == 1  # the answers sit in boxes of one height
+    assert len(heights) == 5 and len(set(heights)) == 1  # the answers (and the teacher's) in boxes of one height
     shoot(page, "compare")
 
 

@@ -95,7 +95,21 @@ def test_compare_runs_the_columns_and_reports_quality(app):
     assert "agreement <b>1.00</b> at 100% compute" in counters[0]  # full depth agrees with itself
     assert all("3 loops" == t["class_or_confidence"] for t in texts[0])
     assert all("1 loop" == t["class_or_confidence"] for t in texts[1])
-    assert result[-1] == "Done."
+    assert result[9] == "Done." and result[10] == [] and "disabled" in result[11]  # the teacher column is off
+
+
+def test_the_teacher_as_a_compare_column(app):
+    """The original SmolLM2 beside the recursive model: its greedy answer, and how often it would have said
+    each token of the model's full-depth answer (teacher-forced); on its own greedy answer exactly all."""
+    service, client = app
+    cols = [True, "fixed", 0.5, 3, True, "fixed", 0.5, 1, False, "confidence", 0.0, 1, False, "saturation", 0.9, 1]
+    result = client.predict("What is the capital of France?", 8, *cols, True, api_name="/compare")
+    assert result[10] and all(t["class_or_confidence"] == "1 loop" for t in result[10])
+    assert "the teacher's top-1 choice for" in result[11]
+    assert len(result[10]) == len(service.teacher_answer("What is the capital of France?", 8).steps)
+    assert 0.0 <= float(result[11].split("<b>")[1].split("</b>")[0]) <= 1.0
+    own = service.teacher_answer("What is the capital of France?", 8, repetition_penalty=1.0)  # pure greedy
+    assert service.teacher_agreement("What is the capital of France?", [s.token_id for s in own.steps]) == 1.0
 
 
 def test_sweep_returns_pareto_figures(app):
