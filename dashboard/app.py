@@ -152,6 +152,9 @@ def build_app(service: ModelService) -> gr.Blocks:
                             time_full = gr.Checkbox(value=False, label="Also time a full-depth run (wall-clock speedup)")
                             shared = gr.Checkbox(value=True, label="Share batches with other users (CDB engine)",
                                                  info="every policy and KV mode; off: a solo run of this prompt")
+                            ghost = gr.Checkbox(value=False, label="Show the teacher's answer",
+                                                info="the original SmolLM2's greedy answer under this one",
+                                                elem_id="ghost-on")
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
@@ -177,6 +180,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                                             color_map=render.colour_map(loops), show_legend=False,
                                             show_inline_category=False, combine_adjacent=False,
                                             elem_id="tokens")
+                ghost_line = gr.HTML("", elem_id="ghost-line")
                 counters = gr.HTML(render.counters(None), elem_id="counters")
                 details = gr.HTML(render.token_details(None, None), elem_id="token-details")
                 with gr.Row():
@@ -285,14 +289,14 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         # ================================================================ events
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
-                       temperature, top_p, rep_pen, seed, time_full, shared]
+                       temperature, top_p, rep_pen, seed, time_full, shared, ghost]
         live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
-                        status, details, share_file]
+                        status, details, share_file, ghost_line]
 
         @gpu
         @user_errors
         def run_live(prompt_v, chat_v, policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v,
-                     temp_v, top_p_v, rep_v, seed_v, time_full_v, shared_v=True):
+                     temp_v, top_p_v, rep_v, seed_v, time_full_v, shared_v=True, ghost_v=False):
             settings = Settings(policy_v, threshold_v, depth_v, measure_v, max_loops_v, kv_v, max_new_v, temp_v,
                                 top_p_v, rep_v, seed_v if seed_v is not None else 0, chat_v)
             settings = settings.validated(service.current.num_loops)
@@ -310,7 +314,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         if now - last_plot > PLOT_EVERY_S:
                             figs, last_plot = _figures(s.trace), now
                         yield (render.highlighted(s.trace), render.counters(s.trace, running=True), *figs,
-                               gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip(), gr.skip())
+                               gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip(), gr.skip(),
+                               gr.skip())
                 finally:
                     s.close()
                     service.last_finish_reason = s.trace.finish_reason
@@ -318,7 +323,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                 speedup = None
                 if time_full_v:
                     yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
-                           "Timing the same prompt at full depth…", gr.skip(), gr.skip())
+                           "Timing the same prompt at full depth…", gr.skip(), gr.skip(), gr.skip())
                     full_settings = service.full_depth_settings(settings)
                     full = (start_shared(service, text, full_settings, inspect=False) if use_engine
                             else service.start(text, full_settings, inspect=False))
@@ -333,8 +338,14 @@ def build_app(service: ModelService) -> gr.Blocks:
             if trace.notes:
                 done += " " + " ".join(f"_{n}_" for n in trace.notes)
             share = _write_download("share", share_dict(prompt_v, settings, service.current.label))
+            ghost_html = ""
+            if ghost_v:
+                with service.lock:
+                    answer = service.teacher_answer(text, settings.max_new_tokens, settings.repetition_penalty)
+                    agree = service.teacher_agreement(text, [st.token_id for st in trace.steps])
+                ghost_html = render.ghost_line(answer.text, agree)
             yield (render.highlighted(trace), render.counters(trace, speedup), *_figures(trace), trace.to_dict(),
-                   _write_trace(trace), done, render.token_details(trace, None), share)
+                   _write_trace(trace), done, render.token_details(trace, None), share, ghost_html)
 
         def _figures(trace):
             return (plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace),

@@ -179,3 +179,10 @@ def layout_diagram(description: dict) -> str:
     return ("<div class='layout'><p>Each box is one unrolled layer position, labelled by the unique layer "
             "whose weights it runs: same number and colour = the very same tensors. Each position "
             f"adds its own LoRA and norms.</p>{body}</div>")
+
+
+def ghost_line(teacher_text: str, agreement: float) -> str:
+    """The teacher's answer under the recursive model's, with how often it agrees token by token."""
+    return (f"<div class='ghost'><span class='ghost-label'>teacher (SmolLM2, no sharing):</span> "
+            f"{html.escape(teacher_text)}<div class='ghost-note'>the teacher's own top-1 choice for "
+            f"<b>{agreement:.2f}</b> of the answer's tokens above (teacher-forced)</div></div>")

@@ -251,3 +251,13 @@ def test_a_share_file_puts_the_run_back_into_the_live_inputs(app, tmp_path):
     bad.write_text(open(live[7]).read())
     with pytest.raises(Exception, match="not a share file"):
         client.predict(handle_file(str(bad)), api_name="/load_share")
+
+
+def test_the_teacher_as_a_ghost_line_in_live(app):
+    service, client = app
+    result = client.predict(*live_args(max_new_v=6), True, api_name="/generate")  # the last input: the ghost box
+    ghost = result[11]
+    teacher = service.teacher_answer("Hello there", 6)
+    assert "teacher (SmolLM2" in ghost and teacher.text.strip()[:20] in ghost.replace("&#x27;", "'")
+    assert "of the answer&#x27;s tokens" in ghost or "of the answer's tokens" in ghost
+    assert client.predict(*live_args(max_new_v=3), api_name="/generate")[11] == ""  # off by default
