@@ -7,7 +7,7 @@ Public API::
 """
 from .checkpoint import load_model, load_tokenizer, save_checkpoint
 from .config import RecursiveConfig
-from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError, TraceFormatError
+from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError, ModelSaveError, TraceFormatError
 from .generation import generate, stream
 from .modeling import RecursiveForCausalLM
 from .recursify import recursify
@@ -15,6 +15,6 @@ from .trace import GenerationTrace, LoopSignal, TokenStep
 
 __all__ = [
     "DataError", "EngineFullError", "EngineInputError", "GenerationTrace", "LabError", "LoopSignal",
-    "ModelLoadError", "RecursiveConfig", "RecursiveForCausalLM", "TokenStep", "generate", "load_model",
+    "ModelLoadError", "ModelSaveError", "RecursiveConfig", "RecursiveForCausalLM", "TokenStep", "generate", "load_model",
     "load_tokenizer", "recursify", "save_checkpoint", "stream", "TraceFormatError",
 ]

@@ -28,6 +28,7 @@ from .folders import (
     load_folder,
     quiet_transformers,
     recover_folder,
+    require_finite,
     tokenizer_for,
 )
 from .paths import ASSETS_DIR
@@ -83,7 +84,9 @@ def _hub_weights(name: str) -> PreTrainedModel:
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, folder: str | os.PathLike) -> Path:
-    """Save model (+ tokenizer) as safetensors atomically; ``load_model(folder)`` reads it back."""
+    """Save model (+ tokenizer) as safetensors atomically; ``load_model(folder)`` reads it back.
+    Non-finite weights are refused (``ModelSaveError``)."""
+    require_finite(model, str(folder))
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

@@ -18,7 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import ModelLoadError
-from .folders import CHECKSUMS, atomic_write_folder, load_base, load_folder, run_model_folder, verify_checksums, write_checksums
+from .folders import (
+    CHECKSUMS,
+    atomic_write_folder,
+    load_base,
+    load_folder,
+    require_finite,
+    run_model_folder,
+    verify_checksums,
+    write_checksums,
+)
 from .paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,7 @@ def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
         return target
     log.info("rebuilding the trained default from %s (once)", artifact)
     model, tokenizer = rebuild(artifact)
+    require_finite(model, f"the default rebuilt from {artifact}")
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

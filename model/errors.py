@@ -13,6 +13,10 @@ class ModelLoadError(LabError, RuntimeError):
     """A model or checkpoint could not be loaded; the message names the problem."""
 
 
+class ModelSaveError(LabError, RuntimeError):
+    """A model could not be saved (e.g. its weights are not finite); the message says why."""
+
+
 class EngineInputError(LabError, ValueError):
     """Invalid generation input or settings; the message says what is accepted."""
 

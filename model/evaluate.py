@@ -96,20 +96,30 @@ def loop_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def evaluate_set(entries: list[Entry], teacher, rows: torch.Tensor, batch_size: int = 2) -> dict[str, dict]:
-    """Per-loop ppl / KL / agreement of every entry on ``rows`` (teacher computed once per batch)."""
+def evaluate_set(entries: list[Entry], teacher, rows: torch.Tensor | list[torch.Tensor], batch_size: int = 2,
+                 starts: list[int] | None = None) -> dict[str, dict]:
+    """Per-loop ppl / KL / agreement of every entry on ``rows`` (teacher computed once per batch).
+
+    ``rows``: equal-length rows (``(n, T)``, batched) or a list of 1-D sequences of any length (one at a
+    time, unpadded); ``starts[i]``: count only the predictions of tokens ``i >= starts[i]`` of sequence ``i``
+    (e.g. an answer after its prompt; default: every token after the first)."""
     sums: dict[str, list[list[float]]] = {}
     count = 0
     device = next(teacher.parameters()).device
-    for ids in rows.split(batch_size):
+    batches = rows.split(batch_size) if isinstance(rows, torch.Tensor) else [r[None] for r in rows]
+    skips = [0] * len(batches) if starts is None else [max(0, s - 1) for s in starts]
+    if starts is not None and len(skips) != len(batches):
+        raise ValueError("starts needs one entry per sequence (rows given as a list)")
+    for ids, skip in zip(batches, skips):
         ids = ids.to(device)
-        targets = ids[:, 1:].reshape(-1)
-        t_logp = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), -1).reshape(-1, teacher.config.vocab_size)
+        targets = ids[:, 1 + skip:].reshape(-1)
+        t_logits = teacher(input_ids=ids).logits
+        t_logp = F.log_softmax(t_logits[:, skip:-1].float(), -1).reshape(-1, teacher.config.vocab_size)
         t_top = t_logp.argmax(-1)
         for entry in entries:
             per_loop = []
-            for logits in loop_logits(entry.model, ids):
-                s = F.log_softmax(logits[:, :-1].float(), -1).reshape(-1, t_logp.shape[-1])
+            for logits in (t_logits,) if entry.model is teacher else loop_logits(entry.model, ids):
+                s = F.log_softmax(logits[:, skip:-1].float(), -1).reshape(-1, t_logp.shape[-1])
                 per_loop.append([float(F.nll_loss(s, targets, reduction="sum")),
                                  float((t_logp.exp() * (t_logp - s)).sum()),
                                  float((s.argmax(-1) == t_top).sum())])
@@ -184,13 +194,14 @@ def geo_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def write_report(path: Path, text: str) -> None:
-    """Replace the evaluation block inside the training section of ``path`` (created if missing)."""
+def write_report(path: Path, text: str, start: str = EVAL_START, end: str = EVAL_END) -> None:
+    """Replace the block between ``start`` and ``end`` in ``path`` (default: the evaluation block); a
+    missing block is created at the end of the training section."""
     doc = path.read_text()
-    block = f"{EVAL_START}\n{text}{EVAL_END}"
-    if EVAL_START in doc and EVAL_END in doc:
-        head, rest = doc.split(EVAL_START, 1)
-        doc = head + block + rest.split(EVAL_END, 1)[1]
+    block = f"{start}\n{text}{end}"
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + block + rest.split(end, 1)[1]
     elif SECTION_END in doc:
         doc = doc.replace(SECTION_END, block + "\n" + SECTION_END, 1)
     else:

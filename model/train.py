@@ -8,10 +8,16 @@ Two commands (METHODS.md §3.4, §3.5, §3.8)::
 
 ``uptrain`` converts the base (``recursify``), optionally re-initialises the LoRA factors
 activation-aware (``model.asvd``), and distils the teacher's next-token distribution into the
-recursive model (forward or reverse KL at a temperature, optional CE term). ``exits`` continues
+recursive model (forward or reverse KL at a temperature, optional CE term). ``uptrain --from <model>``
+fine-tunes a trained model instead (e.g. ``default``; the conversion flags are then unused). ``exits`` continues
 from an uptrained run with the RRT early-exit recipe (final loop weight 1; intermediate loops
 "aggressive" ``c`` x (CE + KL toward the detached final loop)) and trains one halting head per loop
 boundary (BCE toward ``1[argmax at loop r == argmax at the final loop]``).
+
+Data: rows of the prose ``train`` split, or with ``--answers-share S`` a mix: global row ``n`` of the run
+comes from the teacher's own chat answers (``model.teacher_answers.packed_rows("train", ...)``, prompt +
+answer, forward KL on every position like the prose) when ``answer_row(n, S)``, so exactly
+``floor(n * S)`` of the first ``n`` rows do, spread evenly; each stream keeps its own epoch and position.
 
 A run folder holds ``checkpoint/`` (a loadable model folder plus ``trainer_state.pt``: optimizer,
 scheduler, RNG, step, tokens seen and data position; replaced atomically), ``log.txt`` and
@@ -132,6 +138,9 @@ class Progress:
     tokens_seen: int = 0  # training tokens consumed (all processes)
     epoch: int = 0  # passes over the training split
     row: int = 0  # rows of this epoch's order consumed (all processes)
+    answer_epoch: int = 0  # passes over the teacher-answer rows (--answers-share)
+    answer_row: int = 0  # teacher-answer rows of this pass consumed
+    answer_rows_seen: int = 0  # teacher-answer rows consumed in all passes
     wall_seconds: float = 0.0
     history: list = field(default_factory=list)  # validation records
 
@@ -279,6 +288,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     from .checkpoint import load_model
     from .data import iter_batches, load_split
 
+    if not 0 <= args.answers_share <= 1:
+        raise ValueError(f"--answers-share must be in [0, 1], got {args.answers_share}")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python -m model.train " + " ".join(shlex.quote(a) for a in args.argv)
@@ -290,6 +301,10 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         model = load_model(out / CHECKPOINT)[0]
         log.info("resuming %s at step %d (%d tokens seen)", out, saved["progress"]["step"],
                  saved["progress"]["tokens_seen"])
+    elif args.stage == "uptrain" and args.from_:  # fine-tune a trained model (e.g. the default)
+        model = load_model(run_model_folder(args.from_))[0]
+        if args.with_exits:
+            model = add_halting_heads(model, args.halting_hidden)
     elif args.stage == "uptrain":
         model = build_uptrain_model(args, teacher)
         if args.with_exits:  # the "co-trained" ablation: exit losses and halting heads from the start
@@ -301,6 +316,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     else:
         model = add_halting_heads(load_model(run_model_folder(args.from_))[0], args.halting_hidden)
     model.train()
+    # stages that came with the starting model; this run's own record (if any) follows them
+    inherited_stages = len((model.config.training or {}).get("stages", [])) - (saved is not None)
     trainable = set_trainable(model, args.train)
     log.info("%s: %s; training %d tensors (%s)", args.stage, model.parameter_counts(), len(trainable), args.train)
 
@@ -348,7 +365,7 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             unwrapped.config.training = _provenance(unwrapped.config.training, args, command, progress, final,
-                                                    device_name)
+                                                    device_name, inherited_stages)
             save_run_checkpoint(out, unwrapped, tokenizer, optimizer, scheduler, progress)
             log.info("checkpoint at step %d (%d tokens) -> %s", progress.step, progress.tokens_seen, out / CHECKPOINT)
 
@@ -385,7 +402,6 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         micro += 1
-        progress.row += args.batch_size * world
         progress.tokens_seen += args.batch_size * world * args.seq_len
         if micro % args.grad_accum:
             continue
@@ -439,40 +455,98 @@ def _fit_budget(args, progress: Progress, schedule: CosineWithWarmup, first_step
     return fitted
 
 
+def answer_row(index: int, share: float) -> bool:
+    """Whether global row ``index`` of a run comes from the teacher answers: exactly ``floor(n * share)``
+    of the first ``n`` rows do, spread evenly (a pure function of the index, so resuming needs no state)."""
+    return math.floor((index + 1) * share + 1e-9) > math.floor(index * share + 1e-9)
+
+
 def _batches(iter_batches, args, progress: Progress, world: int, rank: int):
-    """Endless per-process micro-batches from the seeded order, starting at the saved position."""
+    """Endless per-process micro-batches, starting at the saved position: each global batch takes its
+    rows from the prose split and (``--answers-share``) the teacher answers by ``answer_row``; the
+    positions in ``progress`` count the rows handed out."""
+    global_size = args.batch_size * world
+    index = progress.tokens_seen // args.seq_len  # global rows consumed so far
+    prose = _prose_rows(iter_batches, args, progress)
+    answers = _answer_rows(args, progress) if args.answers_share > 0 else None
     while True:
-        global_size = args.batch_size * world
-        for batch in iter_batches("train", global_size, args.seq_len, seed=args.seed + progress.epoch,
-                                  start_row=progress.row, drop_last=True):
-            yield batch[rank * args.batch_size : (rank + 1) * args.batch_size]
+        rows = [next(answers) if answers is not None and answer_row(index + i, args.answers_share) else next(prose)
+                for i in range(global_size)]
+        index += global_size
+        yield torch.stack(rows[rank * args.batch_size : (rank + 1) * args.batch_size])
+
+
+def _prose_rows(iter_batches, args, progress: Progress):
+    """Rows of the prose ``train`` split in the seeded order of each epoch."""
+    while True:
+        for batch in iter_batches("train", 1, args.seq_len, seed=args.seed + progress.epoch, start_row=progress.row):
+            progress.row += 1
+            yield batch[0]
         progress.epoch += 1
         progress.row = 0
 
 
+def _answer_rows(args, progress: Progress):
+    """Rows of the teacher's answers (``train`` split only), packed anew in a seeded order each pass."""
+    from . import teacher_answers
+
+    while True:
+        rows = teacher_answers.packed_rows("train", args.seq_len, seed=args.seed + progress.answer_epoch)
+        if len(rows) == 0:
+            raise ValueError(f"no teacher-answer rows of {args.seq_len} tokens; generate and export answers first")
+        for row in rows[progress.answer_row:]:
+            progress.answer_row += 1
+            progress.answer_rows_seen += 1
+            yield row
+        progress.answer_epoch += 1
+        progress.answer_row = 0
+
+
 def _provenance(previous: dict | None, args, command: str, progress: Progress, final: bool,
-                device_name: str = "CPU") -> dict:
-    """``config.training``: every stage's command, data, tokens, seed and last validation."""
+                device_name: str = "CPU", inherited: int = 0) -> dict:
+    """``config.training``: every stage's command, data, tokens, seed and last validation.
+
+    ``inherited``: how many of ``previous``'s stages came with the starting model; a record after them is
+    this run's own (from an earlier checkpoint of this run) and is updated."""
     stages = list((previous or {}).get("stages", []))
+    data = {"split": "train", "seq_len": args.seq_len, "order_seed": args.seed,
+            "epoch": progress.epoch, "rows_consumed": progress.row}
+    if args.answers_share > 0:
+        data.update(_answers_provenance(args, progress))
     record = {
         "stage": args.stage, "command": command, "complete": final,
-        "data": {"split": "train", "seq_len": args.seq_len, "order_seed": args.seed,
-                 "epoch": progress.epoch, "rows_consumed": progress.row},
+        "data": data,
         "tokens_seen": progress.tokens_seen, "steps": progress.step, "seed": args.seed,
         "wall_seconds": round(progress.wall_seconds),
         "device": device_name,
         "val": progress.history[-1] if progress.history else None,
         "val_rows": args.val_rows,
     }
-    if stages and stages[-1].get("stage") == args.stage:
+    if len(stages) > inherited:
         # a resumed or extended (re-budgeted) run of the same stage: progress is cumulative, so one
         # record, every invocation kept
+        stages = stages[: inherited + 1]
         record["commands"] = list(dict.fromkeys(stages[-1].get("commands", [stages[-1]["command"]]) + [command]))
         stages[-1] = record
     else:
         record["commands"] = [command]
         stages.append(record)
     return {"stages": stages, "tokens_seen": sum(s["tokens_seen"] for s in stages)}
+
+
+def _answers_provenance(args, progress: Progress) -> dict:
+    """The mix and the teacher-answer set it drew from (``--answers-share``)."""
+    from .teacher_answers import ASSET_FOLDER, read_manifest
+
+    manifest = read_manifest(ASSET_FOLDER) if (ASSET_FOLDER / "manifest.json").exists() else {}
+    prose_rows = progress.tokens_seen // args.seq_len - progress.answer_rows_seen
+    return {"answers_share": args.answers_share, "answer_rows_consumed": progress.answer_rows_seen,
+            "answer_epoch": progress.answer_epoch, "answer_row": progress.answer_row,
+            "tokens_from_answers": progress.answer_rows_seen * args.seq_len,
+            "tokens_from_prose": prose_rows * args.seq_len,
+            "answers_set": {"split": "train", "exported_at": manifest.get("exported_at"),
+                            **{k: manifest.get("splits", {}).get("train", {}).get(k)
+                               for k in ("records", "prompt_tokens", "answer_tokens")}}}
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -508,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--lora-init", default="asvd", choices=["svd", "asvd"], help="plain or activation-aware SVD")
     conv.add_argument("--calib-sequences", type=int, default=64, help="ASVD calibration rows of the train split")
     conv.add_argument("--asvd-damping", type=float, default=1e-3, help="ASVD covariance damping (x mean diag)")
+    up.add_argument("--from", dest="from_", default=None,
+                    help="fine-tune this trained model (run folder, model folder or a name load_model knows, e.g. "
+                         "default) instead of converting --base; the conversion flags are then unused")
     ex = sub.add_parser("exits", help="early-exit post-training + halting heads on an uptrained run")
     ex.add_argument("--from", dest="from_", required=True, help="uptrained run or model folder")
     ex.add_argument("--base", default="smollm2-135m", help="teacher")
@@ -543,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
         opt.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
         opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
         opt.add_argument("--seed", type=int, default=0, help="data order and init seed")
+        opt.add_argument("--answers-share", type=float, default=0.0, metavar="S",
+                         help="fraction of rows drawn from the teacher's own chat answers (assets/teacher-answers, "
+                              "train split; model.teacher_answers), the rest from the prose train split")
         loss = p.add_argument_group("distillation loss")
         loss.add_argument("--kd", type=float, default=1.0, metavar="TEMPERATURE", help="KD temperature")
         loss.add_argument("--loss", default="forward_kl", choices=["forward_kl", "reverse_kl"])

@@ -490,3 +490,16 @@ def test_the_dashboard_builds_for_a_one_loop_model(smol_tokenizer):
     service = ModelService.from_model(tiny_llama(vocab=len(smol_tokenizer)), smol_tokenizer, "plain llama")
     assert service.current.num_loops == 1
     build_app(service)  # a 1..1 slider once crashed it at start-up
+
+
+def test_non_finite_weights_are_refused_at_save(tmp_path):
+    import torch
+
+    from model import ModelSaveError, save_checkpoint
+
+    model = recursify(tiny_llama(), num_loops=2, lora_rank=4)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ModelSaveError, match="NaN"):
+        save_checkpoint(model, None, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
