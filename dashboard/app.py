@@ -158,7 +158,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         run_btn = gr.Button("Generate", variant="primary", elem_id="run")
                         gr.Examples(_examples(), inputs=[prompt], label="Examples")
                     with gr.Column(scale=2):
-                        policy = gr.Dropdown(POLICY_CHOICES, value=first_policy, label="Depth policy")
+                        policy = gr.Dropdown(POLICY_CHOICES, value=first_policy, label="Depth policy",
+                                             elem_id="policy")
                         threshold = gr.Slider(-1.0, 1.0, value=first_threshold, step=0.01, label="Threshold",
                                               info="confidence/halting: 0..1 · saturation: cosine · adaptive: "
                                                    "starting value · router: logit bias")
@@ -170,7 +171,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                         kv_mode = gr.Radio(KV_CHOICES, value="sync", label="KV for exited tokens",
                                            info="sync: FREE's exact parallel catch-up · copy: CALM's state copying")
                         with gr.Accordion("Decoding", open=False):
-                            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
+                            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens",
+                                                elem_id="max-new")
                             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                             rep_pen = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
@@ -195,6 +197,16 @@ def build_app(service: ModelService) -> gr.Blocks:
                     share_file = gr.File(label="Share file (prompt + settings + model)", interactive=False,
                                          elem_id="share-file")
                     status = gr.Markdown("", elem_id="status")
+                with gr.Accordion("Threshold lab (FREE's adaptive threshold)", open=False, elem_id="threshold-lab"):
+                    gr.Markdown("For the **adaptive** policy: the calibration pairs that caught-up tokens gave "
+                                "(exit confidence, and whether the exit prediction matched full depth), the two "
+                                "fitted Beta components, the posterior of *consistent* and the threshold it sets; "
+                                "and the threshold over the sequences and over the last run. Pairs come from "
+                                "**sync** KV runs.")
+                    with gr.Row():
+                        thr_btn = gr.Button("Show the threshold lab", elem_id="threshold-run", scale=0)
+                        thr_note = gr.Markdown("", elem_id="threshold-note")
+                    thr_plot = gr.Plot(plots.threshold_lab(None), elem_id="threshold-plot")
                 with gr.Accordion("Replay a trace file (no model needed)", open=False, elem_id="replay"):
                     with gr.Row():
                         replay_file = gr.File(label="Trace JSON (this page's download, `python -m model.generate "
@@ -365,6 +377,22 @@ def build_app(service: ModelService) -> gr.Blocks:
             return render.token_details(trace, index)
 
         tokens.select(show_token, [trace_state], [details], api_name="token_details")
+
+        @user_errors
+        def threshold_lab_event(policy_v, threshold_v, measure_v, trace_dict):
+            if policy_v != "adaptive":
+                raise ServiceError("The threshold lab is for the adaptive policy: pick it above and run it first.")
+            view = service.threshold_view(Settings(policy=policy_v, threshold=threshold_v, measure=measure_v))
+            if view is None:
+                raise ServiceError("Run the adaptive policy at least once (sync KV) to collect calibration pairs.")
+            trace = GenerationTrace.from_dict(trace_dict) if trace_dict else None
+            fitted = "fitted" if view["fitted"] else "not fitted yet (each component needs 2 pairs; refit per sequence)"
+            note = (f"{len(view['consistent'])} consistent and {len(view['inconsistent'])} inconsistent pairs; "
+                    f"mixture {fitted}; threshold **{view['threshold']:.2f}** after {view['updates']} updates.")
+            return plots.threshold_lab(view, trace), note
+
+        thr_btn.click(threshold_lab_event, [policy, threshold, measure, trace_state], [thr_plot, thr_note],
+                      api_name="threshold_lab")
 
         @user_errors
         def replay(path):

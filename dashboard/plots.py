@@ -184,3 +184,35 @@ def gantt(run: dict, max_depth: int) -> go.Figure:
                       **{**LAYOUT, "height": max(280, 130 + 26 * len(requests))})
     fig.update_yaxes(type="category", dtick=1)
     return fig
+
+
+def threshold_lab(view: dict | None, trace: GenerationTrace | None = None) -> go.Figure:
+    """FREE's adaptive threshold: calibration confidences by label, the two fitted Beta densities, the
+    posterior of "consistent" and the threshold it sets (left); the threshold over the run (right)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], specs=[[{"secondary_y": True}, {}]],
+                        subplot_titles=("calibration pairs and the fitted mixture", "threshold in force"))
+    if view:
+        for key, colour in (("consistent", "#2A788E"), ("inconsistent", "#EE6677")):
+            fig.add_histogram(x=view[key], name=f"{key} ({len(view[key])})", histnorm="probability density",
+                              xbins=dict(start=0, end=1, size=0.05), opacity=0.45, marker_color=colour, row=1, col=1)
+            if view["fitted"]:
+                fig.add_scatter(x=view["grid"], y=view[f"pdf_{key}"], name=f"Beta fit: {key}",
+                                line=dict(color=colour, width=2), row=1, col=1)
+        if view["fitted"]:
+            fig.add_scatter(x=view["grid"], y=view["posterior"], name="P(consistent | confidence)",
+                            line=dict(color="#444", dash="dot"), row=1, col=1, secondary_y=True)
+        fig.add_vline(x=view["threshold"], line=dict(color="#333", width=2), row=1, col=1,
+                      annotation_text=f"threshold {view['threshold']:.2f} (ζ = {view['zeta']})")
+        fig.add_scatter(x=list(range(len(view["history"]))), y=view["history"], mode="lines+markers",
+                        name="threshold per sequence", line=dict(color="#2A788E"), row=1, col=2)
+    if trace is not None and trace.steps:
+        fig.add_scatter(x=[s.index for s in trace.steps], y=[s.threshold for s in trace.steps], mode="lines",
+                        name="threshold per token (this run)", line=dict(color="#EE6677"), row=1, col=2)
+    fig.update_xaxes(title_text=(view or {}).get("measure", "confidence") + " at exit", range=[0, 1], row=1, col=1)
+    fig.update_xaxes(title_text="sequence (blue) · token of this run (red)", row=1, col=2)
+    fig.update_yaxes(title_text="density", row=1, col=1)
+    fig.update_yaxes(title_text="posterior", range=[0, 1], row=1, col=1, secondary_y=True)
+    fig.update_layout(barmode="overlay", **{**LAYOUT, "height": 330, "margin": dict(l=50, r=50, t=60, b=40)})
+    return fig

@@ -301,6 +301,11 @@ class ModelService:
         scores = score_ids(teacher.model, prompt_ids + answer_ids, first=len(prompt_ids))
         return sum(row[-1] == t for row, t in zip(scores.argmax, answer_ids)) / len(answer_ids)
 
+    def threshold_view(self, settings: Settings) -> dict | None:
+        """FREE's threshold lab for the adaptive policy these settings name (None if it never ran)."""
+        policy = self._adaptive.get((self.current.label, settings.measure, settings.threshold))
+        return policy.calibration_view() if policy is not None else None
+
     def policy_for(self, settings: Settings):
         """A policy for these settings; the adaptive one persists so that it keeps calibrating."""
         if settings.policy == "adaptive":

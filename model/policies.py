@@ -232,11 +232,14 @@ class BetaMixture:
         a, b = self.params[consistent]
         return a / (a + b)
 
-    def threshold(self) -> float:
+    def posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """P(consistent | confidence x) under equal priors."""
         cons = self.mean(True) >= self.mean(False)  # the "consistent" component has the larger mean
-        p_c, p_i = self.pdf(self.grid, cons), self.pdf(self.grid, not cons)
-        posterior = p_c / (p_c + p_i + 1e-300)
-        n = int((posterior > self.zeta).sum())
+        p_c, p_i = self.pdf(x, cons), self.pdf(x, not cons)
+        return p_c / (p_c + p_i + 1e-300)
+
+    def threshold(self) -> float:
+        n = int((self.posterior(self.grid) > self.zeta).sum())
         return float(self.grid[min(max(len(self.grid) - n, 0), len(self.grid) - 1)])
 
 
@@ -271,6 +274,21 @@ class AdaptiveConfidence(Confidence):
 
     def describe(self) -> dict:
         return {**super().describe(), "policy": self.name, "pairs": len(self.pairs[0]), "updates": self.updates}
+
+    def calibration_view(self, points: int = 99) -> dict:
+        """Plain data for the threshold lab: the calibration pairs by label, the fitted Beta densities
+        and the posterior on a grid over (0, 1), the threshold in force, and its history by sequence."""
+        confidences, consistent = self.pairs
+        view = {"measure": self.measure, "zeta": self.mixture.zeta, "threshold": self.threshold,
+                "history": list(self.history), "updates": self.updates,
+                "consistent": [c for c, y in zip(confidences, consistent) if y],
+                "inconsistent": [c for c, y in zip(confidences, consistent) if not y],
+                "fitted": bool(self.mixture.params)}
+        if view["fitted"]:
+            x = torch.linspace(0.01, 0.99, points).double()
+            view.update(grid=x.tolist(), pdf_consistent=self.mixture.pdf(x, True).tolist(),
+                        pdf_inconsistent=self.mixture.pdf(x, False).tolist(), posterior=self.mixture.posterior(x).tolist())
+        return view
 
 
 # --- the one registry of policies: name -> builder(threshold, depth, measure); None means its default --------

@@ -38,3 +38,23 @@ def test_adaptive_policy_calibrates_from_sync_catch_up_and_records_its_estimate(
     assert traces[0].settings["policy"] == "adaptive"
     assert all(s.threshold == traces[-1].steps[0].threshold for s in traces[-1].steps)
     assert policy.history[0] == initial
+
+
+def test_the_threshold_lab_view_is_plain_data_of_the_fitted_mixture():
+    import json
+
+    torch.manual_seed(1)
+    policy = AdaptiveConfidence(initial=0.9, measure="max_prob")
+    for c in torch.distributions.Beta(8.0, 2.0).sample((200,)).tolist():
+        policy.calibrate(c, True)
+    for c in torch.distributions.Beta(2.0, 5.0).sample((200,)).tolist():
+        policy.calibrate(c, False)
+    assert policy.calibration_view()["fitted"] is False  # not refitted yet: no sequence has started
+    policy.begin_sequence()
+    view = json.loads(json.dumps(policy.calibration_view()))  # JSON-serialisable
+    assert view["fitted"] and len(view["consistent"]) == len(view["inconsistent"]) == 200
+    assert view["threshold"] == policy.threshold == view["history"][-1]
+    posterior = dict(zip(view["grid"], view["posterior"]))
+    above = [x for x, p in posterior.items() if p > view["zeta"]]
+    assert min(above) <= view["threshold"] + 0.07  # the threshold sits where the posterior passes zeta
+    assert view["pdf_consistent"][-5] > view["pdf_inconsistent"][-5]  # high confidence: mostly consistent

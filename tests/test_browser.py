@@ -152,3 +152,21 @@ def test_a_trace_file_replays_in_the_live_tab(page, smol_tokenizer, tmp_path):
     assert page.locator("#tokens .token").count() == len(trace.steps)
     assert "2 loops" in page.inner_text("#legend")
     shoot(page, "replay")
+
+
+def test_the_threshold_lab_draws_the_adaptive_mixture(page):
+    page.get_by_role("tab", name="Live").click()
+    page.click("#threshold-lab .label-wrap")
+    page.click("#threshold-run")
+    page.wait_for_selector("text=for the adaptive policy", timeout=TIMEOUT_MS)  # a clear message first
+    page.click("#policy input")
+    page.fill("#policy input", "adaptive")
+    page.keyboard.press("Enter")
+    for prompt in ("Hello there", "Once upon a time, in a land far away"):
+        page.fill("#prompt textarea", prompt)
+        page.click("#run")
+        wait_text(page, "#status", "finish reason")
+    page.click("#threshold-run")
+    wait_text(page, "#threshold-note", "pairs")
+    assert page.locator("#threshold-plot .js-plotly-plot").count() == 1
+    shoot(page, "threshold-lab")

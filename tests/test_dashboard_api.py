@@ -261,3 +261,18 @@ def test_the_teacher_as_a_ghost_line_in_live(app):
     assert "teacher (SmolLM2" in ghost and teacher.text.strip()[:20] in ghost.replace("&#x27;", "'")
     assert "of the answer&#x27;s tokens" in ghost or "of the answer's tokens" in ghost
     assert client.predict(*live_args(max_new_v=3), api_name="/generate")[11] == ""  # off by default
+
+
+def test_the_threshold_lab_shows_the_adaptive_calibration(app):
+    _, client = app
+    with pytest.raises(Exception, match="adaptive policy"):
+        client.predict("confidence", 0.5, "max_prob", api_name="/threshold_lab")
+    with pytest.raises(Exception, match="at least once"):
+        client.predict("adaptive", 0.77, "max_prob", api_name="/threshold_lab")
+    for prompt in ("Hello there", "Once upon a time", "Tell me a story"):  # each run refits and collects pairs
+        client.predict(*live_args(prompt_v=prompt, policy_v="adaptive", threshold_v=0.77, max_new_v=12, kv_v="sync"),
+                       api_name="/generate")
+    figure, note = client.predict("adaptive", 0.77, "max_prob", api_name="/threshold_lab")
+    names = [d.get("name", "") for d in json.loads(figure["plot"])["data"]]
+    assert any(n.startswith("consistent (") for n in names) and "threshold per sequence" in names
+    assert "consistent and" in note and "threshold" in note
