@@ -6,6 +6,7 @@
 - ``engine``: ``BatchEngine`` (per-request decoder state, the model runner, postprocessing);
 - ``worker``: ``EngineWorker`` (one background thread, thread-safe submit/cancel);
 - ``workloads``: run, measure and compare strategies on a workload; Gantt cells;
+- ``http``: limits, request bodies, errors, the body limit, stop-string streaming;
 - ``server``: the FastAPI app, ``python -m model.serving``.
 """
 from ..errors import EngineFullError
