@@ -192,6 +192,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                 with gr.Row():
                     kv_plot = gr.Plot(plots.kv_view(None), elem_id="kv-view")
                     hist_plot = gr.Plot(plots.signal_histograms(None), elem_id="signal-hist")
+                time_plot = gr.Plot(plots.time_breakdown(None), elem_id="time-plot")
                 with gr.Row():
                     trace_file = gr.File(label="Trace (JSON)", interactive=False, elem_id="trace-file")
                     share_file = gr.File(label="Share file (prompt + settings + model)", interactive=False,
@@ -303,7 +304,7 @@ def build_app(service: ModelService) -> gr.Blocks:
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
                        temperature, top_p, rep_pen, seed, time_full, shared, ghost]
         live_outputs = [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, trace_file,
-                        status, details, share_file, ghost_line]
+                        status, details, share_file, ghost_line, time_plot]
 
         @gpu
         @user_errors
@@ -327,7 +328,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                             figs, last_plot = _figures(s.trace), now
                         yield (render.highlighted(s.trace), render.counters(s.trace, running=True), *figs,
                                gr.skip(), gr.skip(), f"Generating… {len(s.trace.steps)} tokens", gr.skip(), gr.skip(),
-                               gr.skip())
+                               gr.skip(), gr.skip())
                 finally:
                     s.close()
                     service.last_finish_reason = s.trace.finish_reason
@@ -335,7 +336,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                 speedup = None
                 if time_full_v:
                     yield (gr.skip(), gr.skip(), *_figures(trace), gr.skip(), gr.skip(),
-                           "Timing the same prompt at full depth…", gr.skip(), gr.skip(), gr.skip())
+                           "Timing the same prompt at full depth…", gr.skip(), gr.skip(), gr.skip(), gr.skip())
                     full_settings = service.full_depth_settings(settings)
                     full = (start_shared(service, text, full_settings, inspect=False) if use_engine
                             else service.start(text, full_settings, inspect=False))
@@ -357,7 +358,8 @@ def build_app(service: ModelService) -> gr.Blocks:
                     agree = service.teacher_agreement(text, [st.token_id for st in trace.steps])
                 ghost_html = render.ghost_line(answer.text, agree)
             yield (render.highlighted(trace), render.counters(trace, speedup), *_figures(trace), trace.to_dict(),
-                   _write_trace(trace), done, render.token_details(trace, None), share, ghost_html)
+                   _write_trace(trace), done, render.token_details(trace, None), share, ghost_html,
+                   plots.time_breakdown(trace))
 
         def _figures(trace):
             return (plots.depth_per_token(trace), plots.signal_heatmap(trace), plots.cumulative_compute(trace),
@@ -402,7 +404,7 @@ def build_app(service: ModelService) -> gr.Blocks:
             note = f"Replayed a trace of **{trace.model.get('name', 'a model')}**: {len(trace.steps)} tokens."
             return (gr.update(value=render.highlighted(trace), color_map=render.colour_map(depth)),
                     render.counters(trace), *_figures(trace), trace.to_dict(), note, render.token_details(trace, None),
-                    render.legend_html(depth))
+                    render.legend_html(depth), plots.time_breakdown(trace))
 
         @user_errors
         def load_share(path):
@@ -420,7 +422,7 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         replay_btn.click(replay, [replay_file],
                          [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, status,
-                          details, legend], api_name="replay_trace")
+                          details, legend, time_plot], api_name="replay_trace")
 
         @gpu
         @user_errors

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from model.trace import GenerationTrace
+from model.trace import LAYER_COMPONENTS, TIME_COMPONENTS, GenerationTrace
 
 from .render import colour_map, depth_label
 
@@ -215,4 +215,36 @@ def threshold_lab(view: dict | None, trace: GenerationTrace | None = None) -> go
     fig.update_yaxes(title_text="density", row=1, col=1)
     fig.update_yaxes(title_text="posterior", range=[0, 1], row=1, col=1, secondary_y=True)
     fig.update_layout(barmode="overlay", **{**LAYOUT, "height": 330, "margin": dict(l=50, r=50, t=60, b=40)})
+    return fig
+
+
+TIME_LABELS = {"prefill": "prefill", "block": "block loops", "catchup": "FREE catch-up", "decision": "exit decisions",
+               "kv": "KV of skipped loops", "sampling": "sampling + detokenisation"}
+FLOP_GROUPS = {"block loops": [c for c in LAYER_COMPONENTS if c not in ("catchup", "kv_copy")],
+               "FREE catch-up": ["catchup"], "exit decisions": ["decision"], "KV of skipped loops": ["kv_copy"],
+               "emitted head": ["head"]}
+
+
+def time_breakdown(trace: GenerationTrace | None) -> go.Figure:
+    """Where the time goes: measured wall-clock by component beside the FLOP ledger, as shares, so one
+    sees when FLOPs saved do (or do not) become time saved. Each bar segment's hover gives the amount."""
+    fig = go.Figure()
+    if trace and trace.steps:
+        times = {"prefill": trace.prefill.get("wall_ms", 0.0)}
+        for component in TIME_COMPONENTS:
+            times[component] = sum(s.time_ms.get(component, 0.0) for s in trace.steps)
+        flops = {g: sum(s.flops.get(c, 0.0) for s in trace.steps for c in comps) for g, comps in FLOP_GROUPS.items()}
+        flops = {"prefill": trace.prefill.get("flops", 0.0), **flops}
+        total_t, total_f = sum(times.values()) or 1.0, sum(flops.values()) or 1.0
+        palette = ["#BBBBBB", "#2A788E", "#7AD151", "#EE6677", "#FDE725", "#414487"]
+        for i, (key, label) in enumerate(TIME_LABELS.items()):
+            fig.add_bar(y=["wall-clock (measured)"], x=[100 * times[key] / total_t], name=label, orientation="h",
+                        marker_color=palette[i], legendgroup=label, hovertext=[f"{times[key]:.0f} ms"])
+        for i, (label, value) in enumerate(flops.items()):
+            fig.add_bar(y=["FLOPs (counted)"], x=[100 * value / total_f], name=label, orientation="h",
+                        marker_color=palette[i] if label in TIME_LABELS.values() or label == "prefill" else "#999999",
+                        legendgroup=label, showlegend=label not in TIME_LABELS.values() and label != "prefill",
+                        hovertext=[f"{value / 1e9:.2f} GFLOP"])
+    fig.update_layout(barmode="stack", title="Where the time goes (share of the run, %)", xaxis_title="%",
+                      **{**LAYOUT, "height": 260, "legend": dict(orientation="h", y=-0.45)})
     return fig

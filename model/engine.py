@@ -20,6 +20,7 @@ waiting tokens are always a contiguous suffix and a plain causal mask is exact.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -84,6 +85,11 @@ class TokenInFlight:
     inspected: float = 0.0  # FLOPs of probes run only to show the candidates (``inspect``)
     stop: bool = False
     reason: str = ""
+    time_ms: dict = field(default_factory=dict)  # measured wall-clock by component (trace.TIME_COMPONENTS)
+
+    def timed(self, component: str, started: float) -> None:
+        """Add the milliseconds since ``started`` (``time.perf_counter()``) to ``component``."""
+        self.time_ms[component] = self.time_ms.get(component, 0.0) + 1000 * (time.perf_counter() - started)
 
 
 @dataclass
@@ -97,10 +103,12 @@ class StepResult:
     flops: dict[str, float]
     inspected_flops: float
     caught_up: int  # waiting tokens that caught up alongside it
+    time_ms: dict[str, float]  # measured wall-clock by component
 
     @classmethod
     def of(cls, tok: TokenInFlight) -> "StepResult":
-        return cls(tok.logits, tok.loop, tok.reason, tok.loops, tok.flops, tok.inspected, len(tok.caught_up))
+        return cls(tok.logits, tok.loop, tok.reason, tok.loops, tok.flops, tok.inspected, len(tok.caught_up),
+                   tok.time_ms)
 
 
 def as_recursive(model: PreTrainedModel) -> RecursiveForCausalLM:
@@ -172,14 +180,26 @@ class AdaptiveDecoder:
     @torch.no_grad()
     def step(self, token_id: int) -> StepResult:
         """Feed one token; run loops until the policy stops it; its exit logits, depth and record."""
+        t = time.perf_counter()
         self.entered(self.run(self.enter(token_id)))
+        tok = self.token
         while True:
-            coda = self.after_loop(self.run(self.next_loop()))
+            h = self.run(self.next_loop())
+            tok.timed("block", t)
+            t = time.perf_counter()
+            coda = self.after_loop(h)
             if coda is not None:
                 self.calibrate(self.run(coda))
+                tok.timed("catchup", t)
+                t = time.perf_counter()
             logits = self.head_logits(self.run(self.head_segment()))[-1] if self.observe() else None
-            if self.decide(logits):
-                return StepResult.of(self.finish_token())
+            stop = self.decide(logits)
+            tok.timed("decision", t)
+            t = time.perf_counter()
+            if stop:
+                self.finish_token()
+                tok.timed("kv", t)
+                return StepResult.of(tok)
 
     def run(self, seg: Segment) -> torch.Tensor:
         """Run one segment through its layer positions with the library's decoder layers: (m, d)."""

@@ -117,6 +117,7 @@ class Stream:
         for index in range(self.max_new_tokens):
             t0 = time.perf_counter()
             result = dec.step(ids[-1])
+            t_sample = time.perf_counter()
             token = choose_token(result.logits, ids, processors, self.sampling.temperature, generator)
             wall_ms = 1000 * (time.perf_counter() - t0)
             if token in self.eos_ids:
@@ -126,13 +127,14 @@ class Stream:
             ids.append(token)
             full_text = self.tokenizer.decode(generated, skip_special_tokens=True)
             piece, text_so_far = full_text[len(text_so_far):], full_text
+            time_ms = {**result.time_ms, "sampling": 1000 * (time.perf_counter() - t_sample)}
             kv, kv_full = dec.kv_entries()
             step = TokenStep(
                 index=index, position=dec.length - 1, token_id=token, text=piece, depth=result.depth,
                 max_depth=dec.max_loops, exit_reason=result.reason, signal_name=dec.policy.signal_name,
                 threshold=dec.policy.threshold, loops=result.loops, flops=result.flops,
                 flops_full=dec.costs.full_token(dec.length), kv_entries=kv, kv_entries_full=kv_full,
-                caught_up=result.caught_up, wall_ms=wall_ms, inspected_flops=result.inspected_flops,
+                caught_up=result.caught_up, wall_ms=wall_ms, inspected_flops=result.inspected_flops, time_ms=time_ms,
             )
             trace.steps.append(step)
             yield step

@@ -51,11 +51,18 @@ class TokenStep:
     caught_up: int = 0  # "sync": earlier exited tokens whose deeper KV was computed in this step
     wall_ms: float = 0.0
     inspected_flops: float = 0.0  # logits computed only for display (not counted in ``flops``)
+    time_ms: dict[str, float] = field(default_factory=dict)  # measured wall-clock by component (TIME_COMPONENTS)
 
     @property
     def total_flops(self) -> float:
         return float(sum(self.flops.values()))
 
+
+# Measured wall-clock per token, by component: the block's loops (prelude too), "sync" catch-up rows that
+# finished (their coda), exit decisions (router / halting / probes: coda + norm + head), the KV of skipped
+# loops (copy mode) and FREE's bookkeeping, sampling + detokenisation. In the batching engine a token
+# waits for whole shared calls: its "block" is the calls it rode in, whoever else was in them.
+TIME_COMPONENTS = ("block", "catchup", "decision", "kv", "sampling")
 
 # FLOP components that are decoder-layer work (the rest: "head" for the emitted token, "decision")
 LAYER_COMPONENTS = ("attn_proj", "attn_context", "mlp", "lora", "norm", "catchup", "kv_copy")

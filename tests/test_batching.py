@@ -350,3 +350,12 @@ def test_grouped_lora_equals_one_matmul_pair_per_position(smol_tokenizer, rank):
                 dec.cache.layers[p].crop(-len(seg.token_positions))
     for a, b in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_tokens_carry_their_measured_time_by_component(models, smol_tokenizer):
+    rec, tok = models["middle_cycle"], smol_tokenizer
+    engine = batched(rec, tok, PROMPTS[:3], [RandomProbe(0.5, i) for i in range(3)], "sync", n=6, max_requests=3)
+    steps = [s for r in engine.results.values() for s in r.trace.steps]
+    assert steps and all(s.time_ms["block"] > 0 and s.time_ms["decision"] > 0 and "sampling" in s.time_ms
+                         for s in steps)
+    assert any(s.time_ms.get("catchup", 0) > 0 for s in steps)  # some rode along a catch-up coda

@@ -46,3 +46,36 @@ def test_sweeps_and_report(models, tmp_path):
     E.write_report(doc, "second\n")  # replaces, does not duplicate
     out = doc.read_text()
     assert out.count(E.EVAL_START) == 1 and "second" in out and "intro" in out and out.endswith("other\n")
+
+
+def test_evaluate_set_on_unpadded_sequences_counts_only_from_starts(models):
+    teacher, exact, lossy = models
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 256, (n,), generator=g) for n in (9, 14)]
+    entries = [E.Entry("lossy", "y", lossy)]
+    res = E.evaluate_set(entries, teacher, seqs, starts=[4, 10])["lossy"]
+    assert res["tokens"] == (9 - 4) + (14 - 10)
+    whole = E.evaluate_set(entries, teacher, seqs)["lossy"]
+    assert whole["tokens"] == 8 + 13
+    assert E.evaluate_set(entries, teacher, seqs[0][None], batch_size=1)["lossy"] == \
+        E.evaluate_set(entries, teacher, seqs[:1])["lossy"]  # one unpadded sequence = one row
+    with pytest.raises(ValueError):
+        E.evaluate_set(entries, teacher, seqs, starts=[1])
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(models):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import chat_eval
+
+    teacher, _, lossy = models
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 7, 5, 11)]
+    for model in (teacher, lossy):
+        batched = chat_eval.greedy_answers(model, prompts, 6, eos_id=2, batch_size=4)
+        single = [chat_eval.greedy_answers(model, [p], 6, eos_id=2)[0] for p in prompts]
+        assert batched == single and all(1 <= len(a) <= 6 for a in batched)
+    assert chat_eval.prefix_match([5, 6, 2], [5, 6, 2]) and not chat_eval.prefix_match([5, 6, 2], [5, 6, 7, 2])
+    assert chat_eval.prefix_match(list(range(20)), list(range(16)) + [99])

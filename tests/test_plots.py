@@ -23,3 +23,17 @@ def test_compare_labels_have_room_at_the_top_and_the_sides():
     assert fig.layout.yaxis.range[1] > 1.15 and all(t.cliponaxis is False for t in fig.data)
     low, high = fig.layout.xaxis.range
     assert low < 60 - 4 and high > 108 + 4
+
+
+def test_where_the_time_goes_sums_measured_components_beside_the_flops(smol_tokenizer):
+    from model.policies import Confidence
+
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=3, lora_rank=4)
+    trace = generate(rec, smol_tokenizer, "Hi there", policy=Confidence(0.01), max_new_tokens=6, kv_mode="copy")
+    assert all(s.time_ms.get("block", 0) > 0 and "decision" in s.time_ms and "sampling" in s.time_ms
+               for s in trace.steps)
+    fig = plots.time_breakdown(trace)
+    wall = [b for b in fig.data if b.y[0] == "wall-clock (measured)"]
+    counted = [b for b in fig.data if b.y[0] == "FLOPs (counted)"]
+    assert abs(sum(b.x[0] for b in wall) - 100) < 1e-6 and abs(sum(b.x[0] for b in counted) - 100) < 1e-6
+    assert {b.name for b in wall} >= {"block loops", "exit decisions", "sampling + detokenisation"}

@@ -82,9 +82,9 @@ def test_optimizer_steps_reduce_kd_loss(tiny_run):
     assert stage["val"]["ppl"] and "model.train uptrain" in stage["command"]
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_run, monkeypatch):
-    tmp, base = tiny_run
-    T.train(uptrain_args(base, tmp / "straight"))
+def assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=()):
+    """Run once straight and once killed after the step-2 checkpoint then rerun; both must end equal."""
+    T.train(uptrain_args(base, tmp / "straight", extra=extra))
 
     real_save = T.save_run_checkpoint
 
@@ -95,13 +95,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_run, monkeypat
 
     monkeypatch.setattr(T, "save_run_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        T.train(uptrain_args(base, tmp / "resumed"))
+        T.train(uptrain_args(base, tmp / "resumed", extra=extra))
     assert T.load_trainer_state(tmp / "resumed")["progress"]["step"] == 2
     monkeypatch.setattr(T, "save_run_checkpoint", real_save)
-    T.train(uptrain_args(base, tmp / "resumed"))  # the same command again: continues from step 2
+    T.train(uptrain_args(base, tmp / "resumed", extra=extra))  # the same command again: continues from step 2
 
     a, b = T.load_trainer_state(tmp / "straight"), T.load_trainer_state(tmp / "resumed")
-    for key in ("step", "tokens_seen", "epoch", "row"):
+    for key in ("step", "tokens_seen", "epoch", "row", "answer_epoch", "answer_row", "answer_rows_seen"):
         assert a["progress"][key] == b["progress"][key], key
     assert a["scheduler"] == b["scheduler"]
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -110,6 +110,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_run, monkeypat
     ma, mb = load_model(tmp / "straight" / "checkpoint")[0], load_model(tmp / "resumed" / "checkpoint")[0]
     for (na, pa), (nb, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
+    return a
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_run, monkeypatch):
+    tmp, base = tiny_run
+    assert_resume_matches_straight_run(tmp, base, monkeypatch)
 
 
 def test_exits_trains_halting_heads_from_an_uptrained_run(tiny_run):
@@ -187,3 +193,65 @@ def test_uptrain_with_exits_cotrains_halting_heads(tiny_run):
     assert rec.has_halting_heads and rec.config.halting_hidden == 8
     records = [json.loads(line) for line in (tmp / "co" / "metrics.jsonl").read_text().splitlines()]
     assert all("bce_loop1" in r and "ce_loop1" in r for r in records if r["kind"] == "train")
+
+
+ANSWER_MARK = 1  # first token of every synthetic teacher-answer row (prose rows start at >= 3)
+
+
+@pytest.fixture
+def answer_rows(monkeypatch):
+    """Synthetic teacher-answer rows patched into model.teacher_answers.packed_rows (train split only)."""
+    import model.teacher_answers
+
+    rows = torch.randint(3, 256, (10, SEQ), generator=torch.Generator().manual_seed(5))
+    rows[:, 0] = ANSWER_MARK
+    calls = []
+
+    def packed_rows(split="train", seq_len=SEQ, seed=0, **_):
+        assert split == "train" and seq_len == SEQ
+        calls.append(seed)
+        return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+    monkeypatch.setattr(model.teacher_answers, "packed_rows", packed_rows)
+    return calls
+
+
+def test_answer_row_spreads_exactly_the_share():
+    for share in (0.0, 0.25, 0.5, 0.6, 0.7, 1.0):
+        for n in (1, 7, 10, 33, 100):
+            assert sum(T.answer_row(i, share) for i in range(n)) == int(n * share + 1e-9), (share, n)
+    assert [T.answer_row(i, 0.5) for i in range(4)] == [False, True, False, True]
+
+
+def test_answers_share_mixes_rows_and_resumes(tiny_run, answer_rows, monkeypatch):
+    tmp, base = tiny_run
+    args = uptrain_args(base, tmp / "probe", extra=["--answers-share", "0.7"])
+    progress = T.Progress()
+    batches = T._batches(model.data.iter_batches, args, progress, world=1, rank=0)
+    rows = torch.cat([next(batches) for _ in range(15)])  # 30 rows: 21 answers (two passes over 10), 9 prose
+    assert int((rows[:, 0] == ANSWER_MARK).sum()) == 21 and progress.answer_rows_seen == 21
+    assert (progress.answer_epoch, progress.answer_row, progress.row) == (2, 1, 9) and answer_rows == [0, 1, 2]
+
+    state = assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=["--answers-share", "0.7"])
+    assert state["progress"]["answer_rows_seen"] == int(16 * 0.7)  # 4 steps x 2 x 2 rows
+    data = load_model(tmp / "resumed" / "checkpoint")[0].config.training["stages"][-1]["data"]
+    assert data["answers_share"] == 0.7 and data["answer_rows_consumed"] == 11 and data["rows_consumed"] == 5
+    assert data["tokens_from_answers"] == 11 * SEQ and data["tokens_from_prose"] == 5 * SEQ
+
+
+def test_uptrain_from_a_trained_model_appends_a_stage(tiny_run, answer_rows):
+    tmp, base = tiny_run
+    T.train(uptrain_args(base, tmp / "up", steps=2, extra=["--with-exits", "--halting-hidden", "8"]))
+    T.train(uptrain_args(base, tmp / "ft", steps=2, extra=["--from", str(tmp / "up"), "--with-exits",
+                                                           "--halting-hidden", "8", "--answers-share", "0.5"]))
+    up, ft = load_model(tmp / "up" / "checkpoint")[0], load_model(tmp / "ft" / "checkpoint")[0]
+    stages = ft.config.training["stages"]
+    assert [s["stage"] for s in stages] == ["uptrain", "uptrain"] and stages[0] == up.config.training["stages"][0]
+    assert stages[1]["data"]["answers_share"] == 0.5 and ft.config.training["tokens_seen"] == 2 * 2 * 4 * SEQ
+    assert ft.has_halting_heads
+
+    def val_ppl(run):
+        return [json.loads(line)["ppl"] for line in (tmp / run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "val"]
+
+    assert val_ppl("ft")[0] == pytest.approx(val_ppl("up")[-1], rel=1e-5)  # it started from the trained model

@@ -311,6 +311,7 @@ class BatchEngine:
                 entering.append((state, self._segment(state, ids, list(range(state.chunk.start,
                                                                                state.chunk.start + size)),
                                                       cfg.prelude_positions)))
+        started = time.perf_counter()  # each token is charged the whole shared calls it waits for
         if entering:
             outs = self.runner.run([seg for _, seg in entering])
             for (state, _), h in zip(entering, outs):
@@ -323,6 +324,9 @@ class BatchEngine:
         for item, seg in zip(items, segments):
             assert item.tokens == seg.hidden.shape[0], "the scheduler's decision and the runner disagree"
         outs = self.runner.run(segments)
+        for state in work:
+            if state.token is not None:
+                state.token.timed("block", started)
         coda: list[tuple[RequestState, Segment]] = []  # finished chunks, "sync" rows that reached the end
         deciding: list[RequestState] = []
         for state, h in zip(work, outs):
@@ -337,13 +341,20 @@ class BatchEngine:
                 if seg is not None:
                     coda.append((state, seg))
                 deciding.append(state)
+        started = time.perf_counter()
         finals = self.runner.run([seg for _, seg in coda]) if coda and cfg.num_coda else [seg.hidden for _, seg in coda]
         for (state, _), final in zip(coda, finals):
             if state.chunk is not None:
                 self._finish_chunk(state)
             else:
                 state.dec.calibrate(final)
+        for state in deciding:
+            if coda:
+                state.token.timed("catchup", started)
+        started = time.perf_counter()
         exited = self._decide(deciding)
+        for state in deciding:
+            state.token.timed("decision", started)
         for item, state in zip(items, work):
             item.head = state in exited
         return exited
@@ -389,7 +400,10 @@ class BatchEngine:
     def _emit(self, state: RequestState) -> None:
         """Sample the exited token, apply the stop rules, store deeper KV, trace and notify."""
         dec = state.dec
+        started = time.perf_counter()
         tok = dec.finish_token()
+        tok.timed("kv", started)
+        started = time.perf_counter()
         token = choose_token(tok.logits.cpu(), state.ids, state.processors, state.request.sampling.temperature,
                              state.generator)
         now = self.now()
@@ -406,13 +420,15 @@ class BatchEngine:
             piece, state.text_so_far = full[len(state.text_so_far):], full
         else:
             piece = ""
+        tok.timed("sampling", started)
         kv, kv_full = dec.kv_entries()
         step = TokenStep(index=len(state.generated) - 1, position=dec.length - 1, token_id=token, text=piece,
                          depth=tok.loop, max_depth=dec.max_loops, exit_reason=tok.reason,
                          signal_name=dec.policy.signal_name, threshold=dec.policy.threshold, loops=tok.loops,
                          flops=tok.flops, flops_full=self._full_token(dec.length), kv_entries=kv,
                          kv_entries_full=kv_full, caught_up=len(tok.caught_up),
-                         wall_ms=1000 * (now - state.token_started_s), inspected_flops=tok.inspected)
+                         wall_ms=1000 * (now - state.token_started_s), inspected_flops=tok.inspected,
+                         time_ms=tok.time_ms)
         state.trace.steps.append(step)
         if state.request.on_event:
             state.request.on_event(RequestEvent(state.id, step=step))
