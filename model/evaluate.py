@@ -54,7 +54,7 @@ def load_entry(spec: str, teacher, teacher_name: str) -> Entry:
         model = convert(teacher, teacher_name, target[len("convert:"):])
     else:
         from .checkpoint import load_model
-        from .train import run_model_folder
+        from .folders import run_model_folder
 
         model = load_model(run_model_folder(target) if Path(target).exists() else target)[0]
     model.eval()

@@ -44,9 +44,11 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from .folders import RUN_CHECKPOINT as CHECKPOINT
+from .folders import run_model_folder
+
 log = logging.getLogger("model.train")
 
-CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -63,12 +65,6 @@ def parse_tokens(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"token count must be positive, got {text!r}")
     return int(value)
-
-
-def run_model_folder(path: str | Path) -> Path:
-    """A run folder (``<run>/checkpoint``) or a model folder -> the folder ``load_model`` reads."""
-    path = Path(path)
-    return path / CHECKPOINT if (path / CHECKPOINT / "config.json").exists() else path
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
