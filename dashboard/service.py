@@ -379,28 +379,32 @@ def start_shared(service: ModelService, prompt: str, settings: Settings, inspect
         raise ServiceError(str(exc)) from exc
 
 
-def load_trace(path: str | None) -> GenerationTrace:
-    """A trace file a visitor uploaded (size-limited by the upload endpoint); ``ServiceError`` if it is none."""
+def _uploaded_bytes(path: str | None, what: str, action: str) -> bytes:
+    """The bytes of a file a visitor uploaded (size-limited by the upload endpoint), or ``ServiceError``."""
     if not path:
-        raise ServiceError("Pick a trace file (.json) to replay.")
+        raise ServiceError(f"Pick a {what} (.json) to {action}.")
     try:
-        return GenerationTrace.from_json(Path(path).read_bytes())
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ServiceError(f"The {what} could not be read ({exc.strerror}).") from exc
+
+
+def load_trace(path: str | None) -> GenerationTrace:
+    """An uploaded trace file, checked against the trace schema."""
+    data = _uploaded_bytes(path, "trace file", "replay")
+    try:
+        return GenerationTrace.from_json(data)
     except TraceFormatError as exc:
         raise ServiceError(f"This file is not a trace this version can replay: {exc}") from exc
-    except OSError as exc:
-        raise ServiceError(f"The trace file could not be read ({exc.strerror}).") from exc
 
 
 def load_share_file(path: str | None):
     """The JSON of an uploaded share file (its fields are checked by ``settings.from_share``)."""
-    if not path:
-        raise ServiceError("Pick a share file (.json) to load.")
+    data = _uploaded_bytes(path, "share file", "load")
     try:
-        return json.loads(Path(path).read_bytes())
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ServiceError(f"This share file is not JSON ({exc}).") from exc
-    except OSError as exc:
-        raise ServiceError(f"The share file could not be read ({exc.strerror}).") from exc
 
 
 def batching_lab(service: ModelService, n_requests: int, max_new: int, rate: float, strategies: list[str],
