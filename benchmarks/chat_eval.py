@@ -5,18 +5,18 @@
     python benchmarks/chat_eval.py --from-json .cache/eval/chat-before.json .cache/eval/chat-after.json \\
         --report docs/RESULTS.md
 
-For every model spec (``model.evaluate.load_entry``: ``teacher``, ``default``, a run or checkpoint folder):
+For every model spec (``model.evaluation.evaluate.load_entry``: ``teacher``, ``default``, a run or checkpoint folder):
 
 1. Teacher-forced, every ``--forced-stride``-th held-out conversation (prompt + the teacher's stored greedy answer, one at a
    time, unpadded): per-loop PPL, KL(teacher || model) and top-1 agreement with the teacher, counted on
-   the answer tokens (``model.evaluate.evaluate_set``).
+   the answer tokens (``model.evaluation.evaluate.evaluate_set``).
 2. The model's own greedy answers (full depth, ``--new-tokens``) to every ``--stride``-th held-out prompt:
    the share whose first 16 answer tokens equal the teacher's stored answer (all of it, EOS included, if
    that is shorter), and the teacher's perplexity of these answers vs of its own stored answers (their
    first ``--new-tokens`` tokens), with the ratio.
 3. Prose: per-loop PPL / KL / agreement on the first ``--prose-tokens`` of each DATA.md held-out set, the
    geometric-mean PPL and its ratio to the teacher's; with ``--sweep-tokens`` also the early-exit policy
-   sweeps (``model.evaluate.sweeps``: fixed, confidence, saturation, halting) on those rows.
+   sweeps (``model.evaluation.evaluate.sweeps``: fixed, confidence, saturation, halting) on those rows.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import evaluate as E  # noqa: E402
-from model import teacher_answers as TA  # noqa: E402
+from model.evaluation import evaluate as E  # noqa: E402
+from model.data import answer_store  # noqa: E402
+from model.data import teacher_answers as TA  # noqa: E402
+from model.data.answer_prompts import HELDOUT_NAME  # noqa: E402
 
 log = logging.getLogger("chat_eval")
 
@@ -93,7 +95,7 @@ def teacher_ppl(teacher, prompts: list[list[int]], answers: list[list[int]]) -> 
     return E.evaluate_set([entry], teacher, seqs, starts=[len(p) for p in prompts])["teacher"]["ppl"][0]
 
 
-def evaluate_model(entry: E.Entry, teacher, tokenizer, heldout: list[TA.Answer], args) -> dict:
+def evaluate_model(entry: E.Entry, teacher, tokenizer, heldout: list[answer_store.Answer], args) -> dict:
     """All metrics of the module docstring for one model."""
     tic = time.time()
     forced = heldout[:: args.forced_stride]
@@ -144,12 +146,12 @@ def evaluate_model(entry: E.Entry, teacher, tokenizer, heldout: list[TA.Answer],
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    from model.checkpoint import load_model
+    from model.io.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     started = time.time()
     teacher, tokenizer = load_model(args.teacher)
-    heldout = TA.load_answers(TA.HELDOUT_NAME, modes=("greedy",))[: args.conversations]
+    heldout = answer_store.load_answers(HELDOUT_NAME, modes=("greedy",))[: args.conversations]
     results = {"command": "python benchmarks/chat_eval.py " + " ".join(argv), "device": "CPU",
                "threads": args.threads, "heldout_conversations": len(heldout),
                "answer_tokens": sum(len(a.answer_ids) for a in heldout), "models": {}}

@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.serving import BatchEngine, Request  # noqa: E402
-from model.prompts import encode_prompt  # noqa: E402
-from model.generation import generate  # noqa: E402
-from model.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402
-from model.recursify import recursify  # noqa: E402
-from model.recursify import add_routers  # noqa: E402
-from model.train import add_halting_heads  # noqa: E402
+from model.inference.prompts import encode_prompt  # noqa: E402
+from model.inference.generation import generate  # noqa: E402
+from model.inference.policies import Confidence, FixedDepth, Halting, Router, Saturation  # noqa: E402
+from model.conversion.recursify import recursify  # noqa: E402
+from model.conversion.recursify import add_routers  # noqa: E402
+from model.training.student import add_halting_heads  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Write a short poem about the sea.", "1, 2, 3, 4,"]

@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model import load_model, recursify, stream  # noqa: E402
-from model.checkpoint import ModelLoadError  # noqa: E402
-from model.compute import CostModel  # noqa: E402
-from model.policies import Confidence, DepthPolicy, FixedDepth, Observation, Saturation  # noqa: E402
+from model import load_model, stream
+from model import recursify  # noqa: E402
+from model.io.checkpoint import ModelLoadError  # noqa: E402
+from model.inference.compute import CostModel  # noqa: E402
+from model.inference.policies import Confidence, DepthPolicy, FixedDepth, Observation, Saturation  # noqa: E402
 
 PROMPTS = (
     "Explain why the sky is blue.",

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model import load_model  # noqa: E402
-from model.teacher_answers import conversation_ids, load_answers  # noqa: E402
+from model.data.answer_store import conversation_ids, load_answers  # noqa: E402
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 CANDIDATES = 16

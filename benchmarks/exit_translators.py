@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.checkpoint import load_model  # noqa: E402
+from model.io.checkpoint import load_model  # noqa: E402
 from model.data import heldout_names, load_split  # noqa: E402
 
 

@@ -2,10 +2,10 @@
 
     python benchmarks/frontier.py --rows 1 --json .cache/eval/frontier.json
     python benchmarks/frontier.py --plot docs/gpu-session/eval-frontier.json docs/gpu-session/eval-main.json \
-        --svg docs/frontier.svg          # the trained frontier from model.evaluate --json results
+        --svg docs/frontier.svg          # the trained frontier from model.evaluation --json results
 
 Each configuration is ``recursify``-ed from the teacher (plain or activation-aware LoRA init) and
-scored with ``model.evaluate.evaluate_set`` on the first ``--rows`` rows (512 tokens) of every
+scored with ``model.evaluation.evaluate.evaluate_set`` on the first ``--rows`` rows (512 tokens) of every
 held-out set: the cheap end of the frontier (what conversion alone buys, before any training).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # svg_plot
 
-from model.checkpoint import load_model  # noqa: E402
+from model.io.checkpoint import load_model  # noqa: E402
 from model.data import heldout_names, load_split  # noqa: E402
-from model.evaluate import Entry, convert, evaluate_set, geo_mean, unique_parameters  # noqa: E402
+from model.evaluation.evaluate import Entry, convert, evaluate_set, geo_mean, unique_parameters  # noqa: E402
 
 CONFIGS = [
     "loops=2,sharing=middle_cycle,init=average,rank=128,lora_init=svd",
@@ -39,7 +39,7 @@ CONFIGS = [
 
 def plot_trained(paths: list[Path], svg: Path, untrained: Path | None = None) -> None:
     """Unique non-embedding parameters vs held-out PPL (full depth, geometric mean over the sets) of every
-    model in ``model.evaluate --json`` results; each row of the figure is one model."""
+    model in ``model.evaluation --json`` results; each row of the figure is one model."""
     from svg_plot import line_chart
 
     series: dict[str, list[tuple]] = {}
@@ -67,12 +67,12 @@ def plot_trained(paths: list[Path], svg: Path, untrained: Path | None = None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="*", default=CONFIGS, help="convert options (model.evaluate syntax)")
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, help="convert options (model.evaluation syntax)")
     parser.add_argument("--rows", type=int, default=1, help="512-token rows per held-out set")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path(".cache/eval/frontier.json"))
     parser.add_argument("--plot", type=Path, nargs="+", default=None,
-                        help="only draw --svg from model.evaluate --json results (trained models)")
+                        help="only draw --svg from model.evaluation --json results (trained models)")
     parser.add_argument("--svg", type=Path, default=Path("docs/frontier.svg"))
     args = parser.parse_args(argv)
     if args.plot:

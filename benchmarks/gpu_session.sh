@@ -4,7 +4,7 @@
 #   default/        the artifact exported from the long run (assets/default format)
 #   default-mor/    routers-only overlay trained on that run (assets/default-mor format)
 #   runs/<name>/    log.txt + metrics.jsonl + config.json of every run (checkpoints stay behind)
-#   eval-*.json/md  held-out evaluation (model.evaluate --device cuda) of every run
+#   eval-*.json/md  held-out evaluation (python -m model.evaluation --device cuda) of every run
 #   timeline.txt    what ran when
 # Runs, all on the embedded SmolLM2-135M teacher, --train lora (shared block frozen, so the default
 # stays a small artifact), bf16 autocast, sequence length 512:
@@ -12,7 +12,7 @@
 #           then expert-choice routers (routers only, and routers trained with the LoRA: "mor-block")
 #   frontier (concurrently, equal budgets of FRONTIER_TOKENS): schemes x ranks x init, plus the
 #           exits co-trained (uptrain --with-exits) vs post-trained (uptrain, then exits) ablation.
-# Every training command is the resumable CLI of model/train.py; --max-seconds fits each schedule to
+# Every training command is the resumable CLI of model/training/train.py; --max-seconds fits each schedule to
 # the time left. Budgets are environment variables so the same script runs a smoke test on a CPU:
 #   MAIN_SECONDS=30 EXITS_SECONDS=15 FRONTIER_TOKENS=4k ... benchmarks/gpu_session.sh
 set -u
@@ -46,7 +46,7 @@ FR_OPT=(--batch-size "$FRONTIER_BATCH" --grad-accum 2 --lr 5e-4 --warmup 20 --ev
 train() {  # train <name> <threads> args...: one run, its output in $RUNS/<name>.out
     local name=$1 threads=$2; shift 2
     mark "start $name"
-    OMP_NUM_THREADS=$threads $PY -m model.train "$@" --threads "$threads" --out "$RUNS/$name" \
+    OMP_NUM_THREADS=$threads $PY -m model.training "$@" --threads "$threads" --out "$RUNS/$name" \
         > "$RUNS/$name.out" 2>&1 && mark "done $name" || mark "FAILED $name (rc $?)"
 }
 
@@ -64,8 +64,8 @@ if [ "${1:-}" = collect ]; then collect; exit 0; fi
 mark "prep"
 $PY - <<'EOF' || mark "FAILED prep"
 import torch
-from model.asvd import cached_covariances
-from model.checkpoint import load_model
+from model.conversion.asvd import cached_covariances
+from model.io.checkpoint import load_model
 teacher, _ = load_model("smollm2-135m")
 cached_covariances(teacher, "smollm2-135m", num_sequences=64, seq_len=512, seed=1234)
 print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
@@ -85,20 +85,20 @@ ROUTERS=(--routing expert --capacity 1,0.5 --aux-coeff 0.1 "${COMMON[@]}" --batc
         && mark "mor eval done" || mark "FAILED mor eval" ) &
   train main-ee 4 exits --from "$RUNS/main" "${COMMON[@]}" --batch-size "$MAIN_BATCH" --grad-accum 1 --lr 2e-4 \
       --halting-lr 3e-3 --warmup 10 --eval-every 0 --tokens 20M --max-seconds "$EXITS_SECONDS"
-  ( $PY -m model.default export --from "$RUNS/main-ee" --out "$OUT/default" > "$RUNS/export.out" 2>&1 \
+  ( $PY -m model.io.default export --from "$RUNS/main-ee" --out "$OUT/default" > "$RUNS/export.out" 2>&1 \
       && mark "exported default" || mark "FAILED export" ) &
   EXPORT_PID=$!
   # routers only, on the default: the shippable overlay (assets/default-mor)
   train mor-e 2 routers --from "$RUNS/main-ee" "${ROUTERS[@]}" --train routers
   wait "$EXPORT_PID"
-  [ -f "$OUT/default/config.json" ] && $PY -m model.default export-overlay --from "$RUNS/mor-e" --base "$OUT/default" \
+  [ -f "$OUT/default/config.json" ] && $PY -m model.io.default export-overlay --from "$RUNS/mor-e" --base "$OUT/default" \
       --out "$OUT/default-mor" > "$RUNS/overlay.out" 2>&1 && mark "exported default-mor" || mark "FAILED overlay"
   mark "eval main"
   SPECS=()
   for name in main main-ee mor-e mor-block; do
     [ -f "$RUNS/$name/checkpoint/config.json" ] && SPECS+=("$name=$RUNS/$name")
   done
-  $PY -m model.evaluate --model teacher --compare "${SPECS[@]}" --device auto --sweep-tokens 0 \
+  $PY -m model.evaluation --model teacher --compare "${SPECS[@]}" --device auto --sweep-tokens 0 \
       --max-tokens "$EVAL_TOKENS" --batch-size 8 --threads 4 --json "$OUT/eval-main.json" \
       > "$OUT/eval-main.md" 2> "$RUNS/eval-main.err" && mark "eval main done" || mark "FAILED eval main"
 ) &
@@ -120,7 +120,7 @@ for spec in "${FRONTIER[@]:0:$FRONTIER_MAX}"; do
   FR_PIDS+=($!)
 done
 # the exits ablation: co-trained from the start, the same total tokens as uptrain + post-trained exits
-COTRAIN_TOKENS=$($PY -c "from model.train import parse_tokens as p; print(p('$FRONTIER_TOKENS') + p('$FRONTIER_EXIT_TOKENS'))")
+COTRAIN_TOKENS=$($PY -c "from model.training.train import parse_tokens as p; print(p('$FRONTIER_TOKENS') + p('$FRONTIER_EXIT_TOKENS'))")
 train mc2-r128-cotrain 2 uptrain "${CONV[@]}" --loops 2 --lora-rank 128 --with-exits "${COMMON[@]}" \
     --batch-size "$FRONTIER_BATCH" --grad-accum 2 --lr 5e-4 --warmup 20 --eval-every 0 \
     --tokens "$COTRAIN_TOKENS" --max-seconds "$(( FRONTIER_SECONDS + FRONTIER_SECONDS / 4 ))" &
@@ -136,7 +136,7 @@ SPECS=()
 for name in mc2-r128-asvd mc2-r64-asvd cyc3-r128-asvd mc2-r128-svd mc2-r128-step mc2-r128-cotrain mc2-r128-post; do
   [ -f "$RUNS/$name/checkpoint/config.json" ] && SPECS+=("$name=$RUNS/$name")
 done
-$PY -m model.evaluate --model teacher --compare "${SPECS[@]}" --device auto --sweep-tokens 0 \
+$PY -m model.evaluation --model teacher --compare "${SPECS[@]}" --device auto --sweep-tokens 0 \
     --max-tokens "$EVAL_TOKENS" --batch-size 8 --threads 4 --json "$OUT/eval-frontier.json" \
     > "$OUT/eval-frontier.md" 2> "$RUNS/eval-frontier.err" && mark "eval frontier done" || mark "FAILED eval frontier"
 

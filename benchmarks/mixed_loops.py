@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model import load_model, recursify  # noqa: E402
-from model.engine import AdaptiveDecoder, Segment  # noqa: E402
-from model.policies import FixedDepth  # noqa: E402
+from model import load_model
+from model import recursify  # noqa: E402
+from model.inference.decoder import AdaptiveDecoder, Segment  # noqa: E402
+from model.inference.policies import FixedDepth  # noqa: E402
 from model.serving import BlockRunner  # noqa: E402
 
 

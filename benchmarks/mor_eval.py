@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/mor_eval.py --model default-mor --sets heldout-fiction,heldout-chat \\
         --tokens 192 --write-results docs/RESULTS.md
 
-Every policy runs teacher-forced through ``model.sweep.forced_decode`` (the real decoder, token by
+Every policy runs teacher-forced through ``model.evaluation.sweep.forced_decode`` (the real decoder, token by
 token) with the same KV semantics, MoR's recursion-wise caching (``kv_mode="recursion"``: a token that
 stops at depth r holds KV only in loops <= r), so only the depth decision differs. Reported per
 policy: average depth (= block compute in loops), FLOPs per token with the decision's own cost,
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # svg_plot
 
 from model import load_model
 from model.data import load_split
-from model.policies import Confidence, FixedDepth, Halting, Router
-from model.sweep import forced_decode
+from model.inference.policies import Confidence, FixedDepth, Halting, Router
+from model.evaluation.sweep import forced_decode
 
 MARK_START, MARK_END = "<!-- mor:start -->", "<!-- mor:end -->"
 

@@ -48,7 +48,8 @@ def make_tiny_model(repo: Path, folder: Path) -> None:
     done = in_repo(repo, f"""
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
-        from model import load_tokenizer, recursify, save_checkpoint
+        from model import load_tokenizer, save_checkpoint
+        from model import recursify
         tok = load_tokenizer("smollm2-135m")
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -199,7 +200,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
-from model import ModelLoadError, load_model, load_tokenizer, recursify, save_checkpoint
+from model import ModelLoadError, load_model, load_tokenizer, save_checkpoint
+from model import recursify
 
 tok = load_tokenizer("smollm2-135m")
 torch.manual_seed(0)
@@ -241,8 +243,9 @@ for text in ("[1, 2]", "null"):
 
 KILL_BETWEEN_RENAMES = r"""
 import os, signal, sys
-import model.checkpoint as ck
-from model import load_tokenizer, recursify, save_checkpoint
+import model.io.checkpoint as ck
+from model import load_tokenizer, save_checkpoint
+from model import recursify
 from transformers import LlamaConfig, LlamaForCausalLM
 cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True)

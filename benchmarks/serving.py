@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.engine import KV_MODES  # noqa: E402
+from model.inference.decoder import KV_MODES  # noqa: E402
 from model.serving import STRATEGIES, WorkloadItem, compare_strategies  # noqa: E402
-from model.policies import POLICIES, make_policy  # noqa: E402
+from model.inference.policies import POLICIES, make_policy  # noqa: E402
 from model.serving.server import load_served_model  # noqa: E402
 
 log = logging.getLogger("serving")
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads or 1)
 
     if args.lora_rank is not None:
-        from model import load_model, recursify
+        from model import load_model
+        from model import recursify
 
         base, tok = load_model("smollm2-135m")
         model = recursify(base, num_loops=3, lora_rank=args.lora_rank, base_name="smollm2-135m")

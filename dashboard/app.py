@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from model.paths import ASSETS_DIR
-from model.trace import GenerationTrace
+from model.inference.trace import GenerationTrace
 
 from . import plots, render
 from .service import ModelService, ServiceError, batching_lab, load_share_file, load_trace, start_shared
@@ -210,7 +210,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                     thr_plot = gr.Plot(plots.threshold_lab(None), elem_id="threshold-plot")
                 with gr.Accordion("Replay a trace file (no model needed)", open=False, elem_id="replay"):
                     with gr.Row():
-                        replay_file = gr.File(label="Trace JSON (this page's download, `python -m model.generate "
+                        replay_file = gr.File(label="Trace JSON (this page's download, `python -m model.inference "
                                                     "--json`, or the server)", file_types=[".json"],
                                               elem_id="replay-file")
                         replay_btn = gr.Button("Replay", elem_id="replay-run", scale=0)

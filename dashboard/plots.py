@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from model.trace import LAYER_COMPONENTS, TIME_COMPONENTS, GenerationTrace
+from model.inference.trace import LAYER_COMPONENTS, TIME_COMPONENTS, GenerationTrace
 
 from .render import colour_map, depth_label
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import html
 
-from model.trace import GenerationTrace, TokenStep
+from model.inference.trace import GenerationTrace, TokenStep
 
 # Colour-blind-safe sequential palette (viridis stops, light text on dark steps handled by CSS).
 DEPTH_COLOURS = ["#FDE725", "#7AD151", "#22A884", "#2A788E", "#414487", "#440154"]

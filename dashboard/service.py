@@ -18,16 +18,17 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import ModelLoadError, load_model, recursify
-from model.checkpoint import default_device
-from model.default import FALLBACK_CONVERSION
-from model.generation import describe_model, stream
-from model.prompts import encode_prompt
+from model import ModelLoadError, load_model
+from model import recursify
+from model.io.checkpoint import default_device
+from model.io.default import FALLBACK_CONVERSION
+from model.inference.generation import describe_model, stream
+from model.inference.prompts import encode_prompt
 from model.errors import TraceFormatError
 from model.paths import REPO_ROOT, cache_dir
-from model.policies import make_policy
-from model.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
-from model.trace import GenerationTrace
+from model.inference.policies import make_policy
+from model.evaluation.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
+from model.inference.trace import GenerationTrace
 
 from .settings import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, Settings
 
@@ -143,7 +144,7 @@ class ModelService:
     @classmethod
     def from_model(cls, model, tokenizer, label: str = "custom model") -> "ModelService":
         """Serve an already-built model (tests use a tiny random one)."""
-        from model.engine import as_recursive
+        from model.inference.decoder import as_recursive
 
         model = as_recursive(model)
         return cls(Loaded(label, model, tokenizer, "", describe_model(model, label)))
@@ -200,7 +201,7 @@ class ModelService:
             note = f"Checkpoint {label}"
         else:
             raise ServiceError(NOT_ALLOWED)
-        from model.engine import as_recursive
+        from model.inference.decoder import as_recursive
 
         model = as_recursive(model).to(default_device())
         return Loaded(label, model, tok, note, describe_model(model, label))
@@ -228,7 +229,7 @@ class ModelService:
         return prompt, notice
 
     def start(self, prompt: str, settings: Settings, inspect: bool = True):
-        """A ``model.generation.Stream`` for validated settings (iterate it for TokenSteps)."""
+        """A ``model.inference.generation.Stream`` for validated settings (iterate it for TokenSteps)."""
         loaded = self.current
         self.generations_started += 1
         return stream(loaded.model, loaded.tokenizer, prompt, policy=self.policy_for(settings),
@@ -257,10 +258,10 @@ class ModelService:
             raise ServiceError("The sweep text is empty: paste a paragraph or use the default text.")
         loaded = self.current
         if policy_name == "halting" and not loaded.model.has_halting_heads:
-            raise ServiceError("This model has no halting heads (train them with `python -m model.train exits`).")
+            raise ServiceError("This model has no halting heads (train them with `python -m model.training exits`).")
         if policy_name == "router" and not loaded.model.config.router_type:
             raise ServiceError("This model has no routers: load 'default-mor' or train them with "
-                               "`python -m model.train routers`.")
+                               "`python -m model.training routers`.")
         ids = loaded.tokenizer(text).input_ids[: max_tokens + 1]
         scores = score_ids(loaded.model, ids)
         family = [p.to_dict() for p in sweep(scores, policy_name, measure=measure)]
@@ -361,7 +362,7 @@ def start_shared(service: ModelService, prompt: str, settings: Settings, inspect
     """Submit to the shared continuous depth-wise batching engine; other users' tokens share its steps.
     Every policy and KV mode runs there; ``inspect`` records the top-5 candidates at every loop."""
     from model.serving import EngineFullError, Request
-    from model.generation import Sampling
+    from model.inference.generation import Sampling
 
     loaded = service.current
     ids = encode_prompt(loaded.tokenizer, prompt, settings.chat)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from model.engine import KV_MODES
-from model.policies import CONFIDENCE_MEASURES, POLICIES, make_policy
+from model.inference.decoder import KV_MODES
+from model.inference.policies import CONFIDENCE_MEASURES, POLICIES, make_policy
 
 MAX_NEW_TOKENS = 256
 MAX_PROMPT_TOKENS = 1024

@@ -3,15 +3,15 @@
 Public API::
 
     from model import load_model, recursify, generate, stream
-    from model.policies import FixedDepth, Confidence, Saturation
+    from model.inference.policies import FixedDepth, Confidence, Saturation
 """
-from .checkpoint import load_model, load_tokenizer, save_checkpoint
-from .config import RecursiveConfig
-from .errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError, ModelSaveError, TraceFormatError
-from .generation import generate, stream
-from .modeling import RecursiveForCausalLM
-from .recursify import recursify
-from .trace import GenerationTrace, LoopSignal, TokenStep
+from model.io.checkpoint import load_model, load_tokenizer, save_checkpoint
+from model.definition.config import RecursiveConfig
+from model.errors import DataError, EngineFullError, EngineInputError, LabError, ModelLoadError, ModelSaveError, TraceFormatError
+from model.inference.generation import generate, stream
+from model.definition.modeling import RecursiveForCausalLM
+from model.conversion.recursify import recursify
+from model.inference.trace import GenerationTrace, LoopSignal, TokenStep
 
 __all__ = [
     "DataError", "EngineFullError", "EngineInputError", "GenerationTrace", "LabError", "LoopSignal",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.policies import DepthPolicy
+from model.inference.policies import DepthPolicy
 
 
 def tiny_llama(layers: int = 6, vocab: int = 256, seed: int = 0, **overrides) -> LlamaForCausalLM:

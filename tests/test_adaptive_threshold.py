@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import generate, recursify
-from model.policies import AdaptiveConfidence, BetaMixture, Confidence
+from model import generate
+from model import recursify
+from model.inference.policies import AdaptiveConfidence, BetaMixture, Confidence
 from tests.conftest import tiny_llama
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from model.asvd import apply_asvd_, asvd_factors, calibrate, output_error, whitening
-from model.config import PROJECTIONS
-from model.lora import svd_factors
-from model.modeling import projection_owner
-from model.recursify import recursify
+from model.conversion.asvd import apply_asvd_, asvd_factors, calibrate, output_error, whitening
+from model.definition.config import PROJECTIONS
+from model.definition.lora import svd_factors
+from model.definition.modeling import projection_owner
+from model.conversion.recursify import recursify
 from tests.conftest import tiny_llama
 
 
@@ -64,7 +64,7 @@ def test_apply_asvd_on_tiny_model_reduces_output_error():
 
 
 def _mean_output_error(rec, teacher, covs) -> float:
-    from model.asvd import INPUT_OF
+    from model.conversion.asvd import INPUT_OF
 
     errors = []
     for p, layer in enumerate(rec.model.layers):

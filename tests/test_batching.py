@@ -8,7 +8,9 @@ import threading
 import pytest
 import torch
 
-from model import EngineInputError, GenerationTrace, generate, recursify
+from model import EngineInputError, GenerationTrace
+from model import generate
+from model import recursify
 from model.serving import (
     STRATEGIES,
     BatchEngine,
@@ -19,9 +21,9 @@ from model.serving import (
     compare_strategies,
     gantt_cells,
 )
-from model.generation import Sampling
-from model.prompts import encode_prompt
-from model.policies import FixedDepth
+from model.inference.generation import Sampling
+from model.inference.prompts import encode_prompt
+from model.inference.policies import FixedDepth
 from tests.conftest import RandomExits, tiny_llama
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time, in a land far away, there lived",
@@ -125,8 +127,8 @@ def test_probe_policies_equal_solo(models, smol_tokenizer, sharing):
 
 def test_free_calibration_and_mor_routers_equal_solo(models, smol_tokenizer):
     """FREE's calibration pairs (from caught-up tokens) and MoR router decisions, batched as solo."""
-    from model.policies import Router
-    from model.recursify import add_routers
+    from model.inference.policies import Router
+    from model.conversion.recursify import add_routers
 
     rec, tok = models["cycle"], smol_tokenizer
     policies = [CalibratingRandom(0.5, i) for i in range(4)]
@@ -328,7 +330,7 @@ def test_strategies_are_listed():
 def test_grouped_lora_equals_one_matmul_pair_per_position(smol_tokenizer, rank):
     """A block call mixing loop positions gives the same outputs with grouped LoRA (one matmul pair
     over the positions' factors side by side) as with a matmul pair per position."""
-    from model.engine import AdaptiveDecoder, Segment
+    from model.inference.decoder import AdaptiveDecoder, Segment
     from model.serving import BlockRunner
 
     rec = recursify(tiny_llama(layers=6, vocab=len(smol_tokenizer)), num_loops=3, sharing="cycle", lora_rank=rank)

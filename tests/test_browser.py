@@ -137,7 +137,7 @@ def test_bad_input_shows_a_message_not_a_stack_trace(page):
 
 def test_a_trace_file_replays_in_the_live_tab(page, smol_tokenizer, tmp_path):
     from model import generate
-    from model.policies import Confidence
+    from model.inference.policies import Confidence
 
     rec = recursify(tiny_llama(vocab=len(smol_tokenizer), seed=5), num_loops=2, lora_rank=4)
     trace = generate(rec, smol_tokenizer, "Replay me", policy=Confidence(0.01), max_new_tokens=5, inspect=True,

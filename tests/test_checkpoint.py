@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from model import ModelLoadError, load_model, recursify, save_checkpoint
-from model.checkpoint import atomic_write_folder
+from model import ModelLoadError, load_model, save_checkpoint
+from model import recursify
+from model.io.checkpoint import atomic_write_folder
 from tests.conftest import tiny_llama
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from model import recursify
-from model.compute import CostModel
+from model.inference.compute import CostModel
 from tests.conftest import tiny_llama
 
 

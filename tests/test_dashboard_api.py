@@ -9,7 +9,8 @@ from gradio_client import Client
 
 from dashboard import render
 from dashboard.service import ModelService
-from model import GenerationTrace, recursify
+from model import GenerationTrace
+from model import recursify
 from tests.conftest import tiny_llama
 from tests.dashboard_helpers import launch, live_args
 

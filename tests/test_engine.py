@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
-from model import EngineInputError, GenerationTrace, generate, recursify, stream
-from model.engine import AdaptiveDecoder
-from model.policies import Confidence, FixedDepth, Saturation, make_policy
+from model import EngineInputError, GenerationTrace, stream
+from model import generate
+from model import recursify
+from model.inference.decoder import AdaptiveDecoder
+from model.inference.policies import Confidence, FixedDepth, Saturation, make_policy
 from tests.conftest import RandomExits, tiny_llama
 
 
@@ -170,7 +172,7 @@ def test_cancelling_a_stream_stops_it(smol_tokenizer, tiny_vocab_llama):
 
 
 def test_halting_policy_uses_the_learned_head_without_an_lm_head():
-    from model.policies import Halting
+    from model.inference.policies import Halting
 
     base = tiny_llama()
     rec = recursify(base, num_loops=3, lora_rank=4)

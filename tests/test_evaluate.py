@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import evaluate as E
-from model.recursify import recursify
+from model.evaluation import evaluate as E
+from model.conversion.recursify import recursify
 from tests.conftest import tiny_llama
 
 
@@ -34,7 +34,7 @@ def test_sweeps_and_report(models, tmp_path):
     fams = E.sweeps(exact, rows)
     assert {"fixed", "confidence", "saturation"} <= set(fams)
     assert len(fams["fixed"]) == 2 and fams["fixed"][-1]["agreement"] == 1.0
-    res = {"command": "python -m model.evaluate --model x", "device": "CPU", "tokens_per_set": 30,
+    res = {"command": "python -m model.evaluation --model x", "device": "CPU", "tokens_per_set": 30,
            "wall_seconds": 1.0, "models": {"exact": {"params": E.unique_parameters(exact)}},
            "sets": {"heldout-a": E.evaluate_set([E.Entry("exact", "x", exact)], teacher, rows)},
            "sweeps": {"exact": fams}}

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dashboard import plots
-from model import generate, recursify
-from model.policies import FixedDepth
+from model import generate
+from model import recursify
+from model.inference.policies import FixedDepth
 from tests.conftest import tiny_llama
 
 
@@ -26,7 +27,7 @@ def test_compare_labels_have_room_at_the_top_and_the_sides():
 
 
 def test_where_the_time_goes_sums_measured_components_beside_the_flops(smol_tokenizer):
-    from model.policies import Confidence
+    from model.inference.policies import Confidence
 
     rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=3, lora_rank=4)
     trace = generate(rec, smol_tokenizer, "Hi there", policy=Confidence(0.01), max_new_tokens=6, kv_mode="copy")

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from model import load_model, recursify
-from model.generation import generate
-from model.policies import Confidence, FixedDepth
+from model import load_model
+from model import recursify
+from model.inference.generation import generate
+from model.inference.policies import Confidence, FixedDepth
 
 PROMPT = "The capital of France is"
 
@@ -66,7 +67,7 @@ def test_the_issue_example_end_to_end(smol, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_cli_prints_depths_and_json():
-    cmd = [sys.executable, "-m", "model.generate", "--prompt", PROMPT, "--loops", "3", "--lora-rank", "16",
+    cmd = [sys.executable, "-m", "model.inference", "--prompt", PROMPT, "--loops", "3", "--lora-rank", "16",
            "--policy", "confidence", "--threshold", "0.5", "--max-new-tokens", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr

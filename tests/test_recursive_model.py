@@ -8,10 +8,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from model import RecursiveForCausalLM, recursify
-from model.lora import relative_error
-from model.modeling import projection_owner
-from model.recursify import plan_layout, source_layers
+from model import RecursiveForCausalLM
+from model import recursify
+from model.definition.lora import relative_error
+from model.definition.modeling import projection_owner
+from model.conversion.recursify import plan_layout, source_layers
 from tests.conftest import tiny_llama
 
 SCHEMES = ["cycle", "sequence", "middle_cycle"]

@@ -19,7 +19,7 @@ import pytest
 
 from model import recursify
 from model.serving import BatchEngine, EngineWorker
-from model.prompts import encode_chat
+from model.inference.prompts import encode_chat
 from model.serving.server import ServerLimits, create_app
 from tests.conftest import serve_in_thread, tiny_llama
 
@@ -342,7 +342,7 @@ def test_the_default_artifact_is_checked_by_hash(tmp_path):
     import shutil
 
     from model import ModelLoadError
-    from model.default import ARTIFACT_DIR, default_folder
+    from model.io.default import ARTIFACT_DIR, default_folder
 
     copy = tmp_path / "default"
     shutil.copytree(ARTIFACT_DIR, copy)
@@ -360,8 +360,9 @@ def test_the_default_artifact_is_checked_by_hash(tmp_path):
 
 _KILL_BETWEEN_RENAMES = r"""
 import os, signal, sys
-import model.checkpoint as ck
-from model import load_tokenizer, recursify, save_checkpoint
+import model.io.checkpoint as ck
+from model import load_tokenizer, save_checkpoint
+from model import recursify
 from tests.conftest import tiny_llama
 
 target, tok = sys.argv[1], load_tokenizer()
@@ -396,7 +397,8 @@ def test_a_kill_between_the_renames_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_resume_after_a_kill_between_the_renames_finds_the_saved_step(tmp_path):
-    from model.train import CHECKPOINT, TRAINER_STATE, load_trainer_state
+    from model.io.folders import RUN_CHECKPOINT as CHECKPOINT
+    from model.training.run_state import TRAINER_STATE, load_trainer_state
 
     run = tmp_path / "run"
     (run / f".{CHECKPOINT}.previous").mkdir(parents=True)  # what the kill above leaves behind

@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import RecursiveForCausalLM, generate, recursify
-from model.engine import AdaptiveDecoder
+from model import RecursiveForCausalLM
+from model import generate
+from model import recursify
+from model.inference.decoder import AdaptiveDecoder
 from model.errors import EngineInputError
-from model.policies import DepthPolicy, Router
-from model.recursify import add_routers
-from model.routers import expert_choice_forward, routed_forward, share_mask, token_choice_forward
+from model.inference.policies import DepthPolicy, Router
+from model.conversion.recursify import add_routers
+from model.definition.routers import expert_choice_forward, routed_forward, share_mask, token_choice_forward
 from tests.conftest import tiny_llama
 
 
@@ -149,7 +151,7 @@ def test_router_policy_decisions_match_the_recorded_scores(router_type):
 
 @pytest.mark.parametrize("router_type", ["expert", "token"])
 def test_router_sweep_replays_the_engine_decisions(router_type):
-    from model.sweep import replay, score_ids, sweep
+    from model.evaluation.sweep import replay, score_ids, sweep
 
     mor = add_routers(recursify(tiny_llama(), num_loops=3, lora_rank=4), router_type)
     with torch.no_grad():

@@ -10,9 +10,10 @@ import httpx
 import pytest
 import torch
 
-from model import generate, recursify
+from model import generate
+from model import recursify
 from model.serving import BatchEngine, EngineWorker, Request
-from model.policies import FixedDepth
+from model.inference.policies import FixedDepth
 from model.serving.server import ServerLimits, StopTrimmer, create_app
 from tests.conftest import serve_in_thread as _serve, tiny_llama
 

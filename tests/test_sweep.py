@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from model import recursify
-from model.engine import AdaptiveDecoder
-from model.policies import Confidence, FixedDepth, Saturation
-from model.sweep import fixed_depth_points, forced_decode, replay, score_text, sweep
+from model.inference.decoder import AdaptiveDecoder
+from model.inference.policies import Confidence, FixedDepth, Saturation
+from model.evaluation.sweep import fixed_depth_points, forced_decode, replay, score_text, sweep
 
 
 @pytest.fixture

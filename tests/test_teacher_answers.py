@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from model import data
+from model.data import split
 from model.data import DataError, Doc, split_of
-from model.teacher_answers import (
-    HELDOUT_NAME, MODES, Answer, GenerationSettings, Prompt, build_prompts, chat_prompts, chunk_names, conversation_ids,
-    cut_at_eos,
-    export, generate, generate_answers, load_answers, packed_rows, prompt_split, read_chunks, read_record_set,
-    render_prompt, run_folder, sample_top_p, schedule, write_record_set,
+from model.data.answer_prompts import HELDOUT_NAME, MODES, Prompt, build_prompts, chat_prompts, prompt_split, schedule
+from model.data.answer_store import (
+    Answer, chunk_names, conversation_ids, export, load_answers, packed_rows, read_chunks, read_record_set, run_folder,
+    write_record_set,
+)
+from model.data.teacher_answers import (
+    GenerationSettings, cut_at_eos, generate, generate_answers, render_prompt, sample_top_p,
 )
 
 KINDS = {"chat", "explain", "list", "compare", "how-to", "summarise", "continue", "poem-story", "facts",
@@ -78,7 +81,7 @@ def test_prompts_never_touch_heldout_or_validation_documents(docs):
 
 
 def test_build_prompts_refuses_a_committed_heldout_id(docs, monkeypatch):
-    monkeypatch.setattr(data, "committed_heldout_ids", lambda: {docs[0].id})
+    monkeypatch.setattr(split, "committed_heldout_ids", lambda: {docs[0].id})
     with pytest.raises(DataError):
         build_prompts(docs, seed=0)
 

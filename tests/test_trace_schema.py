@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from model import TraceFormatError, generate, recursify
-from model.policies import Confidence
-from model.trace import TRACE_SCHEMA, GenerationTrace
+from model import TraceFormatError
+from model import generate
+from model import recursify
+from model.inference.policies import Confidence
+from model.inference.trace import TRACE_SCHEMA, GenerationTrace
 from tests.conftest import tiny_llama
 
 

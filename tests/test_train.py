@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import model.data
-from model import train as T
-from model.checkpoint import load_model, load_tokenizer
+from model.training import objectives, run_state
+from model.training import rows as training_rows
+from model.training import train as T
+from model.io.checkpoint import load_model, load_tokenizer
 from tests.conftest import tiny_llama
 
 SEQ, ROWS = 16, 64
@@ -57,15 +59,15 @@ def uptrain_args(base, out, steps=4, extra=()):
 
 
 def test_parse_tokens():
-    assert T.parse_tokens("300k") == 300_000 and T.parse_tokens("1M") == 1_000_000 and T.parse_tokens("512") == 512
-    assert T.parse_tokens("1.5m") == 1_500_000
+    assert run_state.parse_tokens("300k") == 300_000 and run_state.parse_tokens("1M") == 1_000_000 and run_state.parse_tokens("512") == 512
+    assert run_state.parse_tokens("1.5m") == 1_500_000
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
     a = torch.randn(2, 5, 11)
     for kind in ("forward_kl", "reverse_kl"):
-        assert float(T.kd_loss(a, a, 2.0, kind)) == pytest.approx(0.0, abs=1e-6)
-        assert float(T.kd_loss(a, torch.randn(2, 5, 11), 1.0, kind)) > 0
+        assert float(objectives.kd_loss(a, a, 2.0, kind)) == pytest.approx(0.0, abs=1e-6)
+        assert float(objectives.kd_loss(a, torch.randn(2, 5, 11), 1.0, kind)) > 0
 
 
 def test_optimizer_steps_reduce_kd_loss(tiny_run):
@@ -79,14 +81,14 @@ def test_optimizer_steps_reduce_kd_loss(tiny_run):
     rec = load_model(out / "checkpoint")[0]
     stage = rec.config.training["stages"][-1]
     assert stage["stage"] == "uptrain" and stage["complete"] and stage["tokens_seen"] == 8 * 4 * SEQ
-    assert stage["val"]["ppl"] and "model.train uptrain" in stage["command"]
+    assert stage["val"]["ppl"] and "model.training uptrain" in stage["command"]
 
 
 def assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=()):
     """Run once straight and once killed after the step-2 checkpoint then rerun; both must end equal."""
     T.train(uptrain_args(base, tmp / "straight", extra=extra))
 
-    real_save = T.save_run_checkpoint
+    real_save = run_state.save_run_checkpoint
 
     def save_then_die(out, model, tok, opt, sched, progress):
         real_save(out, model, tok, opt, sched, progress)
@@ -96,11 +98,11 @@ def assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=()):
     monkeypatch.setattr(T, "save_run_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         T.train(uptrain_args(base, tmp / "resumed", extra=extra))
-    assert T.load_trainer_state(tmp / "resumed")["progress"]["step"] == 2
+    assert run_state.load_trainer_state(tmp / "resumed")["progress"]["step"] == 2
     monkeypatch.setattr(T, "save_run_checkpoint", real_save)
     T.train(uptrain_args(base, tmp / "resumed", extra=extra))  # the same command again: continues from step 2
 
-    a, b = T.load_trainer_state(tmp / "straight"), T.load_trainer_state(tmp / "resumed")
+    a, b = run_state.load_trainer_state(tmp / "straight"), run_state.load_trainer_state(tmp / "resumed")
     for key in ("step", "tokens_seen", "epoch", "row", "answer_epoch", "answer_row", "answer_rows_seen"):
         assert a["progress"][key] == b["progress"][key], key
     assert a["scheduler"] == b["scheduler"]
@@ -135,7 +137,7 @@ def test_exits_trains_halting_heads_from_an_uptrained_run(tiny_run):
 
 
 def test_halting_head_learns_a_separable_toy_case():
-    from model.modeling import HaltingHead
+    from model.definition.modeling import HaltingHead
 
     torch.manual_seed(0)
     head = HaltingHead(16, 8)
@@ -153,14 +155,14 @@ def test_halting_head_learns_a_separable_toy_case():
 
 def test_fit_to_time_and_the_schedule_it_reshapes():
     # 10 steps took 5 s; 20 s left -> 40 more steps, never beyond the planned total, always one more step
-    assert T.fit_to_time(step=10, total_steps=1000, steps_timed=10, seconds_timed=5.0, seconds_left=20.0) == 50
-    assert T.fit_to_time(10, 30, 10, 5.0, 20.0) == 30
-    assert T.fit_to_time(10, 1000, 10, 5.0, -3.0) == 11
-    schedule = T.CosineWithWarmup(total_steps=100, warmup_steps=10)
+    assert run_state.fit_to_time(step=10, total_steps=1000, steps_timed=10, seconds_timed=5.0, seconds_left=20.0) == 50
+    assert run_state.fit_to_time(10, 30, 10, 5.0, 20.0) == 30
+    assert run_state.fit_to_time(10, 1000, 10, 5.0, -3.0) == 11
+    schedule = run_state.CosineWithWarmup(total_steps=100, warmup_steps=10)
     assert schedule(0) == pytest.approx(0.1) and schedule(10) == pytest.approx(1.0)
     assert schedule(100) == pytest.approx(0.1)
     schedule.total_steps = 50  # a time budget shortens the run: the decay ends earlier
-    assert schedule(50) == pytest.approx(0.1) and schedule(30) < T.CosineWithWarmup(100, 10)(30)
+    assert schedule(50) == pytest.approx(0.1) and schedule(30) < run_state.CosineWithWarmup(100, 10)(30)
 
 
 def test_max_seconds_ends_the_run_decayed_and_complete(tiny_run, monkeypatch):
@@ -175,7 +177,7 @@ def test_max_seconds_ends_the_run_decayed_and_complete(tiny_run, monkeypatch):
     args = uptrain_args(base, tmp / "timed", steps=200, extra=["--max-seconds", "60", "--budget-probe", "2",
                                                                "--budget-reserve", "4"])
     T.train(args)
-    state = T.load_trainer_state(tmp / "timed")
+    state = run_state.load_trainer_state(tmp / "timed")
     steps = state["progress"]["step"]
     assert 3 < steps < 200  # cut by the budget, not by --tokens
     rec = load_model(tmp / "timed" / "checkpoint")[0]
@@ -200,8 +202,8 @@ ANSWER_MARK = 1  # first token of every synthetic teacher-answer row (prose rows
 
 @pytest.fixture
 def answer_rows(monkeypatch):
-    """Synthetic teacher-answer rows patched into model.teacher_answers.packed_rows (train split only)."""
-    import model.teacher_answers
+    """Synthetic teacher-answer rows patched into model.data.answer_store.packed_rows (train split only)."""
+    import model.data.answer_store
 
     rows = torch.randint(3, 256, (10, SEQ), generator=torch.Generator().manual_seed(5))
     rows[:, 0] = ANSWER_MARK
@@ -212,22 +214,22 @@ def answer_rows(monkeypatch):
         calls.append(seed)
         return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
 
-    monkeypatch.setattr(model.teacher_answers, "packed_rows", packed_rows)
+    monkeypatch.setattr(model.data.answer_store, "packed_rows", packed_rows)
     return calls
 
 
 def test_answer_row_spreads_exactly_the_share():
     for share in (0.0, 0.25, 0.5, 0.6, 0.7, 1.0):
         for n in (1, 7, 10, 33, 100):
-            assert sum(T.answer_row(i, share) for i in range(n)) == int(n * share + 1e-9), (share, n)
-    assert [T.answer_row(i, 0.5) for i in range(4)] == [False, True, False, True]
+            assert sum(training_rows.answer_row(i, share) for i in range(n)) == int(n * share + 1e-9), (share, n)
+    assert [training_rows.answer_row(i, 0.5) for i in range(4)] == [False, True, False, True]
 
 
 def test_answers_share_mixes_rows_and_resumes(tiny_run, answer_rows, monkeypatch):
     tmp, base = tiny_run
     args = uptrain_args(base, tmp / "probe", extra=["--answers-share", "0.7"])
-    progress = T.Progress()
-    batches = T._batches(model.data.iter_batches, args, progress, world=1, rank=0)
+    progress = run_state.Progress()
+    batches = training_rows.training_batches(model.data.iter_batches, args, progress, world=1, rank=0)
     rows = torch.cat([next(batches) for _ in range(15)])  # 30 rows: 21 answers (two passes over 10), 9 prose
     assert int((rows[:, 0] == ANSWER_MARK).sum()) == 21 and progress.answer_rows_seen == 21
     assert (progress.answer_epoch, progress.answer_row, progress.row) == (2, 1, 9) and answer_rows == [0, 1, 2]

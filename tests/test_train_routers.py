@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from model import recursify
-from model.train_routers import build_router_model, parse_capacity, routers_loss
+from model.training.routers import build_router_model, parse_capacity, routers_loss
 from tests.conftest import tiny_llama
 from tests.test_train import tiny_run, uptrain_args  # noqa: F401  (the tiny-run fixture: synthetic data splits)
 
@@ -54,11 +54,11 @@ def test_capacity_flag_is_validated():
 
 
 def test_routers_command_trains_from_a_run(tiny_run):
-    """``python -m model.train routers`` end to end on a tiny run (synthetic data, as in test_train)."""
+    """``python -m model.training routers`` end to end on a tiny run (synthetic data, as in test_train)."""
     import json
 
-    from model import train as T
-    from model.checkpoint import load_model
+    from model.training import train as T
+    from model.io.checkpoint import load_model
 
     tmp, base = tiny_run
     T.train(uptrain_args(base, tmp / "rrt", steps=2))
@@ -78,9 +78,9 @@ def test_routers_command_trains_from_a_run(tiny_run):
 
 def test_router_overlay_artifact_rebuilds_the_routed_model(tiny_run, monkeypatch):
     """default-mor is stored as an overlay on the default artifact: just the routers."""
-    from model import default as D
-    from model import train as T
-    from model.checkpoint import load_model
+    from model.io import default as D
+    from model.training import train as T
+    from model.io.checkpoint import load_model
     from model.paths import cache_dir
 
     tmp, base = tiny_run

@@ -9,9 +9,9 @@
 - ``http``: limits, request bodies, errors, the body limit, stop-string streaming;
 - ``server``: the FastAPI app, ``python -m model.serving``.
 """
-from ..errors import EngineFullError
-from .engine import BatchEngine, RequestState
-from .requests import (
+from model.errors import EngineFullError
+from model.serving.engine import BatchEngine, RequestState
+from model.serving.requests import (
     Request,
     RequestEvent,
     RequestResult,
@@ -20,12 +20,12 @@ from .requests import (
     SchedulerOutput,
     StepRecord,
 )
-from ..compute import LayerCosts
-from ..engine import Segment
-from .runner import BlockRunner
-from .scheduler import FULL_DEPTH_STRATEGIES, LOCKSTEP_STRATEGIES, STRATEGIES, Scheduler
-from .worker import EngineWorker
-from .workloads import WorkloadItem, WorkloadResult, compare_strategies, gantt_cells, run_workload, workload_metrics
+from model.inference.compute import LayerCosts
+from model.inference.decoder import Segment
+from model.serving.runner import BlockRunner
+from model.serving.scheduler import FULL_DEPTH_STRATEGIES, LOCKSTEP_STRATEGIES, STRATEGIES, Scheduler
+from model.serving.worker import EngineWorker
+from model.serving.workloads import WorkloadItem, WorkloadResult, compare_strategies, gantt_cells, run_workload, workload_metrics
 
 __all__ = [
     "BatchEngine", "BlockRunner", "EngineFullError", "EngineWorker", "FULL_DEPTH_STRATEGIES", "LOCKSTEP_STRATEGIES",

@@ -1,4 +1,4 @@
 """``python -m model.serving``: the OpenAI-compatible server (``model.serving.server``)."""
-from .server import main
+from model.serving.server import main
 
 main()

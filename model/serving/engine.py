@@ -31,11 +31,11 @@ Inside a layer call (``runner.BlockRunner``) the big matmuls run once over all t
 each position's RMSNorm weights and LoRA pair apply per group of consecutive items at that
 position; attention runs per item against its own request's cache (sdpa, the library's interface).
 
-Each request keeps its own ``AdaptiveDecoder`` (``model.engine``) for the per-sequence state: the
+Each request keeps its own ``AdaptiveDecoder`` (``model.inference.decoder``) for the per-sequence state: the
 cache keyed by unrolled layer position, the KV mode (every one of ``KV_MODES``), the waiting tokens
 of "sync" and the prefix invariant. The engine runs ``AdaptiveDecoder.step`` loop by loop across
 engine steps, so under greedy decoding a request's tokens, depths and counters equal its solo run
-through ``model.generation.generate`` (tests/test_batching.py).
+through ``model.inference.generation.generate`` (tests/test_batching.py).
 """
 from __future__ import annotations
 
@@ -45,16 +45,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..compute import CostModel, LayerCosts
-from ..engine import KV_MODES, AdaptiveDecoder, Segment, as_recursive
-from ..errors import EngineInputError
-from ..generation import choose_token, describe_model, eos_token_ids
-from ..modeling import RecursiveForCausalLM
-from ..policies import DepthPolicy, FixedDepth
-from ..trace import GenerationTrace, TokenStep
-from .requests import Request, RequestEvent, RequestResult, RequestStatus, SchedulerOutput, StepRecord
-from .runner import BlockRunner
-from .scheduler import FULL_DEPTH_STRATEGIES, Scheduler
+from model.inference.compute import CostModel, LayerCosts
+from model.inference.decoder import KV_MODES, AdaptiveDecoder, Segment, as_recursive
+from model.errors import EngineInputError
+from model.inference.generation import choose_token, describe_model, eos_token_ids
+from model.definition.modeling import RecursiveForCausalLM
+from model.inference.policies import DepthPolicy, FixedDepth
+from model.inference.trace import GenerationTrace, TokenStep
+from model.serving.requests import Request, RequestEvent, RequestResult, RequestStatus, SchedulerOutput, StepRecord
+from model.serving.runner import BlockRunner
+from model.serving.scheduler import FULL_DEPTH_STRATEGIES, Scheduler
 
 
 # --- per-request state ------------------------------------------------------------------------------

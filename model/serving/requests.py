@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
-from ..generation import Sampling
-from ..policies import DepthPolicy
-from ..trace import GenerationTrace, TokenStep
+from model.inference.generation import Sampling
+from model.inference.policies import DepthPolicy
+from model.inference.trace import GenerationTrace, TokenStep
 
 
 class RequestStatus(Enum):

@@ -9,9 +9,9 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from ..config import PROJECTIONS
-from ..engine import Segment
-from ..modeling import RecursiveForCausalLM, causal_mask, projection_owner
+from model.definition.config import PROJECTIONS
+from model.inference.decoder import Segment
+from model.definition.modeling import RecursiveForCausalLM, causal_mask, projection_owner
 
 
 class BlockRunner:

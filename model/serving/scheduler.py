@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from ..errors import EngineFullError, EngineInputError
-from .requests import RequestStatus, ScheduledItem, SchedulerOutput
+from model.errors import EngineFullError, EngineInputError
+from model.serving.requests import RequestStatus, ScheduledItem, SchedulerOutput
 
 STRATEGIES = ("cdb", "ee_sequence", "csb", "static")
 FULL_DEPTH_STRATEGIES = ("csb", "static")  # these ignore the request's policy: every token runs all loops

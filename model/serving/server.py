@@ -38,13 +38,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import KV_MODES, as_recursive
-from ..generation import MAX_SEED, Sampling
-from ..prompts import encode_chat
-from ..errors import EngineFullError, EngineInputError
-from ..policies import POLICIES, make_policy
-from .engine import BatchEngine
-from .http import (
+from model.inference.decoder import KV_MODES, as_recursive
+from model.inference.generation import MAX_SEED, Sampling
+from model.inference.prompts import encode_chat
+from model.errors import EngineFullError, EngineInputError
+from model.inference.policies import POLICIES, make_policy
+from model.serving.engine import BatchEngine
+from model.serving.http import (
     APIError,
     BodyLimit,
     ChatBody,
@@ -55,13 +55,13 @@ from .http import (
     check_text,
     error_response,
 )
-from .requests import Request, RequestEvent
-from .scheduler import STRATEGIES
-from .worker import EngineWorker
+from model.serving.requests import Request, RequestEvent
+from model.serving.scheduler import STRATEGIES
+from model.serving.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-POLICY_NAMES = sorted(POLICIES)  # the one registry of policies (model.policies)
+POLICY_NAMES = sorted(POLICIES)  # the one registry of policies (model.inference.policies)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -330,12 +330,12 @@ def load_served_model(name: str, fallback: bool = True, loops: int | None = None
     """``(recursive model, tokenizer, served name, note)`` for ``--model``.
 
     "default" is the trained default; if this checkout has none and ``fallback`` is on,
-    ``model.default.FALLBACK_CONVERSION`` of the embedded base (the dashboard's fallback too) is
+    ``model.io.default.FALLBACK_CONVERSION`` of the embedded base (the dashboard's fallback too) is
     served instead and ``note`` says so. A plain Llama model is converted when ``loops`` is given.
     """
-    from ..checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
-    from ..default import FALLBACK_CONVERSION
-    from ..recursify import recursify
+    from model.io.checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
+    from model.io.default import FALLBACK_CONVERSION
+    from model.conversion.recursify import recursify
 
     note = None
     try:
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from ..checkpoint import ModelLoadError
+    from model.io.checkpoint import ModelLoadError
 
     try:
         model, tokenizer, name, note = load_served_model(args.model, not args.no_fallback, args.loops)

@@ -6,9 +6,9 @@ import logging
 import threading
 from collections import deque
 
-from ..errors import EngineFullError
-from .engine import BatchEngine, RequestState
-from .requests import Request, RequestEvent
+from model.errors import EngineFullError
+from model.serving.engine import BatchEngine, RequestState
+from model.serving.requests import Request, RequestEvent
 
 log = logging.getLogger(__name__)
 

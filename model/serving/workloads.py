@@ -7,11 +7,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation import Sampling
-from ..policies import DepthPolicy
-from .engine import BatchEngine
-from .requests import Request, RequestResult, StepRecord
-from .scheduler import STRATEGIES
+from model.inference.generation import Sampling
+from model.inference.policies import DepthPolicy
+from model.serving.engine import BatchEngine
+from model.serving.requests import Request, RequestResult, StepRecord
+from model.serving.scheduler import STRATEGIES
 
 
 @dataclass

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import PROJECTIONS
-from .modeling import RecursiveForCausalLM, projection_owner
-from .paths import cache_dir
-from .recursify import plan_layout
+from model.definition.config import PROJECTIONS
+from model.definition.modeling import RecursiveForCausalLM, projection_owner
+from model.paths import cache_dir
+from model.conversion.recursify import plan_layout
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) 
 def cached_covariances(teacher: nn.Module, base_name: str, num_sequences: int = 64, seq_len: int = 512,
                        seed: int = 1234, batch_size: int = 4, split: str = "train") -> Covariances:
     """Calibrate on ``num_sequences`` rows of ``split`` (seeded), cached under ``.cache/asvd``."""
-    from .data import iter_batches
+    from model.data import iter_batches
 
     key = hashlib.sha256(f"{base_name}:{split}:{num_sequences}:{seq_len}:{seed}".encode()).hexdigest()[:16]
     path: Path = cache_dir("asvd") / f"cov-{key}.pt"

@@ -1,6 +1,6 @@
 """Held-out evaluation: perplexity, KL to the teacher and top-1 agreement per loop; policy sweeps.
 
-    python -m model.evaluate --model .cache/runs/rrt-ee --compare teacher \\
+    python -m model.evaluation --model .cache/runs/rrt-ee --compare teacher \\
         "untrained=convert:loops=2,sharing=middle_cycle,init=average,rank=128,lora_init=asvd" \\
         .cache/runs/rrt --report docs/RESULTS.md
 
@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
-log = logging.getLogger("model.evaluate")
+from model.evaluation.metrics import LoopTally
+
+log = logging.getLogger("model.evaluation")
 
 EVAL_START, EVAL_END = "<!-- training-eval:start -->", "<!-- training-eval:end -->"
 SECTION_END = "<!-- training:end -->"
@@ -53,8 +54,8 @@ def load_entry(spec: str, teacher, teacher_name: str) -> Entry:
     elif target.startswith("convert:"):
         model = convert(teacher, teacher_name, target[len("convert:"):])
     else:
-        from .checkpoint import load_model
-        from .folders import run_model_folder
+        from model.io.checkpoint import load_model
+        from model.io.folders import run_model_folder
 
         model = load_model(run_model_folder(target) if Path(target).exists() else target)[0]
     model.eval()
@@ -63,7 +64,7 @@ def load_entry(spec: str, teacher, teacher_name: str) -> Entry:
 
 def convert(teacher, teacher_name: str, options: str):
     """An untrained conversion of the teacher from ``loops=2,sharing=middle_cycle,...``."""
-    from .recursify import recursify
+    from model.conversion.recursify import recursify
 
     opts = dict(kv.split("=", 1) for kv in options.split(",") if kv)
     rank = opts.get("rank", "0")
@@ -72,7 +73,7 @@ def convert(teacher, teacher_name: str, options: str):
                     init=opts.get("init", "average"), lora_rank=rank,
                     block_size=int(opts["block_size"]) if "block_size" in opts else None, base_name=teacher_name)
     if opts.get("lora_init", "svd") == "asvd" and rank not in (0, "full"):
-        from .asvd import apply_asvd_, cached_covariances
+        from model.conversion.asvd import apply_asvd_, cached_covariances
 
         apply_asvd_(rec, teacher, cached_covariances(teacher, teacher_name))
     return rec
@@ -103,8 +104,7 @@ def evaluate_set(entries: list[Entry], teacher, rows: torch.Tensor | list[torch.
     ``rows``: equal-length rows (``(n, T)``, batched) or a list of 1-D sequences of any length (one at a
     time, unpadded); ``starts[i]``: count only the predictions of tokens ``i >= starts[i]`` of sequence ``i``
     (e.g. an answer after its prompt; default: every token after the first)."""
-    sums: dict[str, list[list[float]]] = {}
-    count = 0
+    tallies: dict[str, LoopTally] = {}
     device = next(teacher.parameters()).device
     batches = rows.split(batch_size) if isinstance(rows, torch.Tensor) else [r[None] for r in rows]
     skips = [0] * len(batches) if starts is None else [max(0, s - 1) for s in starts]
@@ -112,30 +112,18 @@ def evaluate_set(entries: list[Entry], teacher, rows: torch.Tensor | list[torch.
         raise ValueError("starts needs one entry per sequence (rows given as a list)")
     for ids, skip in zip(batches, skips):
         ids = ids.to(device)
-        targets = ids[:, 1 + skip:].reshape(-1)
+        targets = ids[:, 1 + skip:]
         t_logits = teacher(input_ids=ids).logits
-        t_logp = F.log_softmax(t_logits[:, skip:-1].float(), -1).reshape(-1, teacher.config.vocab_size)
-        t_top = t_logp.argmax(-1)
         for entry in entries:
-            per_loop = []
-            for logits in (t_logits,) if entry.model is teacher else loop_logits(entry.model, ids):
-                s = F.log_softmax(logits[:, skip:-1].float(), -1).reshape(-1, t_logp.shape[-1])
-                per_loop.append([float(F.nll_loss(s, targets, reduction="sum")),
-                                 float((t_logp.exp() * (t_logp - s)).sum()),
-                                 float((s.argmax(-1) == t_top).sum())])
-            acc = sums.setdefault(entry.label, [[0.0, 0.0, 0.0] for _ in per_loop])
-            for a, p in zip(acc, per_loop):
-                for i in range(3):
-                    a[i] += p[i]
-        count += targets.numel()
-    return {label: {"ppl": [math.exp(a[0] / count) for a in acc], "kl": [a[1] / count for a in acc],
-                    "agreement": [a[2] / count for a in acc], "tokens": count}
-            for label, acc in sums.items()}
+            loops = (t_logits,) if entry.model is teacher else loop_logits(entry.model, ids)
+            tallies.setdefault(entry.label, LoopTally()).add([logits[:, skip:-1] for logits in loops], targets,
+                                                             t_logits[:, skip:-1])
+    return {label: tally.result() for label, tally in tallies.items()}
 
 
 def sweeps(model, rows: torch.Tensor) -> dict[str, list[dict]]:
     """Quality vs FLOPs per policy family, replayed on teacher-forced per-loop signals of ``rows``."""
-    from . import sweep as S
+    from model.evaluation import sweep as S
 
     scores = [S.score_ids(model, row.tolist()) for row in rows]
     merged = scores[0]
@@ -211,7 +199,7 @@ def write_report(path: Path, text: str, start: str = EVAL_START, end: str = EVAL
 
 # --- CLI --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m model.evaluation", description=__doc__.split("\n\n")[0])
     models = parser.add_argument_group("models")
     models.add_argument("--model", help="model spec (see module docstring)")
     models.add_argument("--compare", nargs="*", default=[], help="more model specs evaluated on the same tokens")
@@ -233,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    from .checkpoint import default_device, load_model
-    from .data import heldout_names, load_split
+    from model.io.checkpoint import default_device, load_model
+    from model.data import heldout_names, load_split
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -245,7 +233,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         model.to(device)
     sets = args.sets or heldout_names()
     rows_per_set = max(1, args.max_tokens // args.seq_len)
-    results = {"command": "python -m model.evaluate " + " ".join(argv),
+    results = {"command": "python -m model.evaluation " + " ".join(argv),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                "tokens_per_set": rows_per_set * (args.seq_len - 1),
                "models": {e.label: {"spec": e.spec, "params": e.params,
@@ -287,6 +275,3 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.report, text)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

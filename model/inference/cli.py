@@ -1,7 +1,7 @@
 """Command line: adaptive generation with per-token depths.
 
-    python -m model.generate --prompt "The capital of France is" --loops 3 --policy confidence --threshold 0.8
-    python -m model.generate --model runs/rrt --policy saturation --threshold 0.95 --json
+    python -m model.inference --prompt "The capital of France is" --loops 3 --policy confidence --threshold 0.8
+    python -m model.inference --model runs/rrt --policy saturation --threshold 0.95 --json
 """
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import json
 import logging
 import sys
 
-from .checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
-from .engine import KV_MODES
-from .errors import EngineInputError
-from .generation import generate
-from .modeling import RecursiveForCausalLM
-from .policies import CONFIDENCE_MEASURES, POLICIES, make_policy
-from .recursify import recursify
+from model.io.checkpoint import EMBEDDED_NAME, ModelLoadError, load_model
+from model.inference.decoder import KV_MODES
+from model.errors import EngineInputError
+from model.inference.generation import generate
+from model.definition.modeling import RecursiveForCausalLM
+from model.inference.policies import CONFIDENCE_MEASURES, POLICIES, make_policy
+from model.conversion.recursify import recursify
 
 DEPTH_COLOURS = ["\033[38;5;33m", "\033[38;5;208m", "\033[38;5;141m", "\033[38;5;40m", "\033[38;5;196m"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m model.inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
     p.add_argument("--model", default=EMBEDDED_NAME, help="name, checkpoint folder or Hub id")
@@ -84,6 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

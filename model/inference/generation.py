@@ -2,7 +2,7 @@
 
 ``stream(model, tokenizer, prompt, policy=...)`` yields one ``TokenStep`` per generated token (its
 ``.trace`` grows as it goes); ``generate(...)`` runs it to the end and returns the trace. Each token
-is one ``AdaptiveDecoder.step`` (``model.engine``).
+is one ``AdaptiveDecoder.step`` (``model.inference.decoder``).
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .compute import CostModel
-from .engine import AdaptiveDecoder, as_recursive
-from .errors import EngineInputError
-from .modeling import RecursiveForCausalLM
-from .policies import DepthPolicy, FixedDepth
-from .prompts import encode_prompt
-from .trace import GenerationTrace, TokenStep
+from model.inference.compute import CostModel
+from model.inference.decoder import AdaptiveDecoder, as_recursive
+from model.errors import EngineInputError
+from model.definition.modeling import RecursiveForCausalLM
+from model.inference.policies import DepthPolicy, FixedDepth
+from model.inference.prompts import encode_prompt
+from model.inference.trace import GenerationTrace, TokenStep
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; JSON clients mostly send int64
 

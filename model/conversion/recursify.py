@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import INIT_METHODS, PROJECTIONS, SHARING_SCHEMES, RecursiveConfig
-from .lora import svd_factors
-from .modeling import RecursiveForCausalLM, projection_owner
+from model.definition.config import INIT_METHODS, PROJECTIONS, SHARING_SCHEMES, RecursiveConfig
+from model.definition.lora import svd_factors
+from model.definition.modeling import RecursiveForCausalLM, projection_owner
 
 log = logging.getLogger(__name__)
 

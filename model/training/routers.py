@@ -1,8 +1,8 @@
-"""The ``routers`` stage of ``python -m model.train``: Mixture-of-Recursions routers on a trained
+"""The ``routers`` stage of ``python -m model.training``: Mixture-of-Recursions routers on a trained
 recursive model, trained together with the block by distillation from the teacher.
 
-    python -m model.train routers --from runs/rrt-ee --routing expert --capacity 1,0.67,0.33 --tokens 1M --out runs/mor-e
-    python -m model.train routers --from runs/rrt-ee --routing token --tokens 1M --out runs/mor-t
+    python -m model.training routers --from runs/rrt-ee --routing expert --capacity 1,0.67,0.33 --tokens 1M --out runs/mor-e
+    python -m model.training routers --from runs/rrt-ee --routing token --tokens 1M --out runs/mor-t
 
 The MoR paper trains routers from scratch at billions of tokens; here they are added to a distilled
 relaxed model. Loss = KD(teacher || routed student) + router losses: expert-choice BCE auxiliary
@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from .recursify import add_routers
-from .routers import expert_choice_forward, token_choice_forward, update_balance_bias
+from model.conversion.recursify import add_routers
+from model.definition.routers import expert_choice_forward, token_choice_forward, update_balance_bias
 
 
 def parse_capacity(text: str) -> list[float]:

@@ -25,9 +25,9 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from .config import PROJECTIONS, RecursiveConfig
-from .lora import DepthLoRALinear
-from .routers import ExpertRouters, TokenRouter
+from model.definition.config import PROJECTIONS, RecursiveConfig
+from model.definition.lora import DepthLoRALinear
+from model.definition.routers import ExpertRouters, TokenRouter
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -218,7 +218,7 @@ class RecursiveForCausalLM(RecursivePreTrainedModel, GenerationMixin):
             self.halting_heads = nn.ModuleList(
                 HaltingHead(config.hidden_size, config.halting_hidden) for _ in range(config.num_loops - 1)
             )
-        if config.router_type == "expert":  # Mixture-of-Recursions routers (model/routers.py)
+        if config.router_type == "expert":  # Mixture-of-Recursions routers (model/definition/routers.py)
             self.routers = ExpertRouters(config.hidden_size, config.num_loops)
         elif config.router_type == "token":
             self.token_router = TokenRouter(config.hidden_size, config.num_loops)

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
 
-from . import modeling  # noqa: F401  (registers recursive_llama with the Auto classes)
-from .errors import ModelLoadError, ModelSaveError
-from .paths import cache_dir, file_sha256
+from model.definition import modeling  # noqa: F401  (registers recursive_llama with the Auto classes)
+from model.errors import ModelLoadError, ModelSaveError
+from model.paths import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Resolve a model name or path to ``(model, tokenizer)``; save checkpoints.
 
 Names:
-- ``"smollm2-135m"``: SmolLM2-135M-Instruct, the embedded base (``model.folders``);
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, the embedded base (``model.io.folders``);
 - ``"default"`` / ``"default-mor"``: the trained default (and its MoR routers), rebuilt from the
-  committed artifact in ``assets/`` on first use (``model.default``);
+  committed artifact in ``assets/`` on first use (``model.io.default``);
 - a local checkpoint folder (``recursive_llama`` or any Hugging Face Llama folder);
 - a Hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the network allows.
 
 Every failure raises ``ModelLoadError`` with a message that says what to do; folders load strictly
-(``model.folders``).
+(``model.io.folders``).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .default import ARTIFACT_NAMES, default_folder
-from .errors import ModelLoadError
-from .folders import (
+from model.io.default import ARTIFACT_NAMES, default_folder
+from model.errors import ModelLoadError
+from model.io.folders import (
     EMBEDDED_NAME,
     atomic_write_folder,
     check_loaded,
@@ -31,7 +31,7 @@ from .folders import (
     require_finite,
     tokenizer_for,
 )
-from .paths import ASSETS_DIR
+from model.paths import ASSETS_DIR
 
 __all__ = ["EMBEDDED_NAME", "ModelLoadError", "atomic_write_folder", "default_device", "load_model",
            "load_tokenizer", "recover_folder", "save_checkpoint"]

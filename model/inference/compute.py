@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import PROJECTIONS, RecursiveConfig
+from model.definition.config import PROJECTIONS
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class CostModel:
 
     @classmethod
     def from_model(cls, model) -> "CostModel":
-        from .modeling import projection_owner
+        from model.definition.modeling import projection_owner
 
         cfg = model.config
         ranks = tuple(

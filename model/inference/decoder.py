@@ -1,7 +1,7 @@
 """The adaptive decoder: one sequence's cache and the loop-by-loop steps of each new token.
 
 ``AdaptiveDecoder`` prefills at full depth, then runs each new token loop by loop until its policy
-stops it. Solo generation (``model.generation``) and the batching engine (``model.serving``) drive
+stops it. Solo generation (``model.inference.generation``) and the batching engine (``model.serving``) drive
 the same public steps.
 
 KV for tokens that stop early (``kv_mode``):
@@ -29,12 +29,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .compute import CostModel, LayerCosts, add_into
-from .errors import EngineInputError
-from .modeling import RecursiveForCausalLM, causal_mask
-from .policies import DepthPolicy, Observation
-from .routers import RecursionShareCache, share_slots
-from .trace import LoopSignal
+from model.inference.compute import CostModel, LayerCosts, add_into
+from model.errors import EngineInputError
+from model.definition.modeling import RecursiveForCausalLM, causal_mask
+from model.inference.policies import DepthPolicy, Observation
+from model.definition.routers import RecursionShareCache, share_slots
+from model.inference.trace import LoopSignal
 
 # The one list of KV modes. Both engines run every mode: solo decoding (``AdaptiveDecoder``, ``stream``) and
 # the batching engine (``model.serving.BatchEngine``, the server, the dashboard's shared engine).
@@ -115,7 +115,7 @@ def as_recursive(model: PreTrainedModel) -> RecursiveForCausalLM:
     """A recursive model as is; a plain Llama model as a 1-loop recursive model (exactly the same)."""
     if isinstance(model, RecursiveForCausalLM):
         return model
-    from .recursify import recursify
+    from model.conversion.recursify import recursify
 
     return recursify(model, num_loops=1, base_name=getattr(model.config, "_name_or_path", None))
 
@@ -136,10 +136,10 @@ class AdaptiveDecoder:
             raise EngineInputError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
         if policy.needs_router and model.config.router_type is None:
             raise EngineInputError("the router policy needs a Mixture-of-Recursions model with trained routers "
-                                   "(python -m model.train routers); pick another policy")
+                                   "(python -m model.training routers); pick another policy")
         if policy.needs_halting and not model.has_halting_heads:
             raise EngineInputError("the halting policy needs a model trained with halting heads "
-                                   "(python -m model.train exits); pick another policy")
+                                   "(python -m model.training exits); pick another policy")
         self.model = model
         self.inner = model.model
         self.cfg = model.config

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import ModelLoadError
-from .folders import (
+from model.errors import ModelLoadError
+from model.io.folders import (
     CHECKSUMS,
     atomic_write_folder,
     load_base,
@@ -28,7 +28,7 @@ from .folders import (
     verify_checksums,
     write_checksums,
 )
-from .paths import ASSETS_DIR, cache_dir
+from model.paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
     if missing:
         raise ModelLoadError(
             f"no trained default artifact in {artifact} (missing {', '.join(missing)}); train one with "
-            "`python -m model.train uptrain ...` and export it (docs/TRAINING.md), or load the untrained "
+            "`python -m model.training uptrain ...` and export it (docs/TRAINING.md), or load the untrained "
             "conversion / the teacher 'smollm2-135m' instead"
         )
     if not (artifact / CHECKSUMS).exists():
-        raise ModelLoadError(f"{artifact} has no {CHECKSUMS}; re-export it (`python -m model.default export`)")
+        raise ModelLoadError(f"{artifact} has no {CHECKSUMS}; re-export it (`python -m model.io.default export`)")
     verify_checksums(artifact)  # a truncated clone or an LFS pointer fails here, not as a strange model
     for base in _overlay_chain(artifact):
         verify_checksums(base)
@@ -100,9 +100,9 @@ def default_folder(artifact: Path = ARTIFACT_DIR) -> Path:
 
 def rebuild(artifact: Path = ARTIFACT_DIR):
     """``(RecursiveForCausalLM, tokenizer)``: the base's plain conversion + the artifact's tensors."""
-    from .config import RecursiveConfig
-    from .modeling import RecursiveForCausalLM
-    from .recursify import recursify
+    from model.definition.config import RecursiveConfig
+    from model.definition.modeling import RecursiveForCausalLM
+    from model.conversion.recursify import recursify
 
     conversion = json.loads((artifact / "conversion.json").read_text())
     config = RecursiveConfig.from_dict(json.loads((artifact / "config.json").read_text()))
@@ -165,7 +165,7 @@ def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = Tr
     equal a fresh conversion, then records the rebuilt model's perplexity on the first
     ``check_rows`` validation rows (``config.training["artifact"]``) for the load test.
     """
-    from .recursify import recursify
+    from model.conversion.recursify import recursify
 
     trained, _ = load_folder(run_model_folder(source))
     cfg = trained.config
@@ -230,26 +230,21 @@ def export_overlay(source: Path, target: Path, base: Path = ARTIFACT_DIR) -> dic
 @torch.no_grad()
 def validation_ppl(model, rows: int = 2, seq_len: int = 512, ids: torch.Tensor | None = None) -> float:
     """Perplexity (full depth) on the first ``rows`` rows of the ``val`` split (or on ``ids``)."""
-    import math
-
-    from torch.nn import functional as F
-
-    from .data import load_split
+    from model.data import load_split
+    from model.evaluation.metrics import LoopTally
 
     if ids is None:
         ids = load_split("val", seq_len)[:rows]
-    nll, count = 0.0, 0
+    tally = LoopTally()
     for batch in ids.split(1):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch.shape[1] - 1
-    return math.exp(nll / count)
+        tally.add([model(input_ids=batch).logits[:, :-1]], batch[:, 1:])
+    return tally.result()["ppl"][0]
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m model.default", description="export / build the trained default")
+    parser = argparse.ArgumentParser(prog="python -m model.io.default", description="export / build the trained default")
     sub = parser.add_subparsers(dest="cmd", required=True)
     exp = sub.add_parser("export", help="write assets/default from a trained run (shared block frozen)")
     exp.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import TraceFormatError
+from model.errors import TraceFormatError
 
 TRACE_SCHEMA = 1  # version of the JSON layout below; traces written before it had none (read as 1)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import EngineInputError
+from model.errors import EngineInputError
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .compute import CostModel
-from .engine import as_recursive
-from .policies import Confidence, DepthPolicy, FixedDepth, Halting, Observation, Router, Saturation
+from model.inference.compute import CostModel
+from model.inference.decoder import as_recursive
+from model.inference.policies import Confidence, DepthPolicy, FixedDepth, Halting, Observation, Router, Saturation
 
 
 @dataclass
@@ -224,7 +224,7 @@ def forced_decode(model, token_ids: list[int], policy: DepthPolicy, kv_mode: str
     depth, (T, V)), KL to ``teacher_logits`` where given, FLOPs per token (decisions included) and the
     KV entries held at the end vs full depth. Slower than ``replay`` but exact for routed KV modes.
     """
-    from .engine import AdaptiveDecoder
+    from model.inference.decoder import AdaptiveDecoder
 
     model = as_recursive(model)
     dec = AdaptiveDecoder(model, policy, kv_mode=kv_mode)

@@ -1,0 +1,6 @@
+"""``python -m model.evaluation``."""
+import sys
+
+from model.evaluation.evaluate import main
+
+sys.exit(main())
