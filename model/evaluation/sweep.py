@@ -37,7 +37,7 @@ class TextScores:
     planned: list[int] | None  # token-choice: the depth each token's router chose up front
     argmax: list[list[int]]
     target_logprob: list[list[float]]  # log p(true next token) at each loop
-    flops_by_depth: list[dict[str, float]]  # per depth d: {"layers", "head", "probe", "softmax", "cosine", "halting"} per token (mean)
+    flops_by_depth: list[dict[str, float]]  # per depth d: path layers, head, one decision of each kind (mean per token)
     flops_full: float  # mean full-depth FLOPs per token
     num_loops: int
 
@@ -115,16 +115,14 @@ def _path_flops(costs: CostModel, cfg, depth: int, n_tokens: int) -> dict[str, f
     positions = list(cfg.prelude_positions) + [p for r in range(1, depth + 1) for p in cfg.loop_positions(r)] \
         + list(cfg.coda_positions)
     coda = sum(costs.layers(cfg.coda_positions, mean_ctx).values())
-    return {
-        "layers": sum(costs.layers(positions, mean_ctx).values()),
-        "head": costs.head(),
-        "probe": coda + costs.head(),  # an extra exit path computed only to decide
-        "softmax": costs.softmax_signals(),
-        "cosine": costs.cosine(),
-        "halting": costs.halting(cfg.halting_hidden) if cfg.halting_hidden else 0.0,
-        "router": costs.router(cfg.num_loops if cfg.router_type == "token" else 1),
-        "router_once": 1.0 if cfg.router_type == "token" else 0.0,  # token-choice decides once, up front
-    }
+    decisions = {kind: costs.decision(kind, probe_layers=coda, halting_width=cfg.halting_hidden or 0)
+                 for kind in ("softmax", "cosine", "halting", "router")}
+    if cfg.router_type == "token":  # token-choice decides once, up front, over every depth
+        decisions["router"] = costs.router(cfg.num_loops)
+    return {"layers": sum(costs.layers(positions, mean_ctx).values()), "head": costs.head(),
+            # at the exit loop the probe's coda and head are the path's own: only the softmax signals are extra
+            "softmax_at_exit": costs.softmax_signals(), "router_once": 1.0 if cfg.router_type == "token" else 0.0,
+            **{f"decision_{k}": v for k, v in decisions.items()}}
 
 
 def replay(scores: TextScores, policy: DepthPolicy, max_loops: int | None = None) -> list[int]:
@@ -174,12 +172,13 @@ def evaluate_depths(scores: TextScores, depths: list[int], policy: DepthPolicy, 
 
 def _decision_and_path(parts: dict[str, float], policy: DepthPolicy, depth: int, max_loops: int) -> float:
     total = parts["layers"] + parts["head"]
-    if policy.decision_cost == "softmax":
-        total += (depth - 1) * parts["probe"] + depth * parts["softmax"]
-    elif policy.decision_cost in ("cosine", "halting"):
-        total += min(depth, max_loops - 1) * parts[policy.decision_cost]
-    elif policy.decision_cost == "router":  # expert: a router before each further loop; token: one, up front
-        total += parts["router"] * (1 if parts["router_once"] else min(depth, max_loops - 1))
+    kind = policy.decision_cost
+    if kind == "softmax":
+        total += (depth - 1) * parts["decision_softmax"] + parts["softmax_at_exit"]
+    elif kind in ("cosine", "halting"):
+        total += min(depth, max_loops - 1) * parts[f"decision_{kind}"]
+    elif kind == "router":  # expert: a router before each further loop; token: one, up front
+        total += parts["decision_router"] * (1 if parts["router_once"] else min(depth, max_loops - 1))
     return total
 
 

@@ -89,6 +89,16 @@ class CostModel:
         """A linear router d -> outputs on one token (+ sigmoid/softmax, negligible)."""
         return 2 * self.d * outputs
 
+    def decision(self, kind: str, probe_layers: float = 0.0, halting_width: int = 0) -> float:
+        """One exit decision after a loop, by a policy's ``decision_cost``: ``softmax`` runs an exit probe
+        (``probe_layers``: its coda layers; then the head) and the softmax signals; ``cosine``; ``halting``
+        (a head of ``halting_width``); ``router`` (one expert-choice router); anything else is free."""
+        if kind == "softmax":
+            return probe_layers + self.head() + self.softmax_signals()
+        if kind == "halting":
+            return self.halting(halting_width) if halting_width else 0.0
+        return {"cosine": self.cosine(), "router": self.router()}.get(kind, 0.0)
+
     def kv_copy(self) -> float:
         return 4 * self.d + 2 * 2 * self.d * self.kv_heads * self.head_dim
 

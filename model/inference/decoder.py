@@ -275,12 +275,12 @@ class AdaptiveDecoder:
         tok.logits = tok.probs = tok.halting = tok.router_logit = None
         if policy.needs_router and cfg.router_type == "expert" and tok.loop < self.max_loops:
             tok.router_logit = float(self.model.routers.logit(tok.loop + 1, tok.hidden[-1]))
-            add_into(tok.flops, {"decision": self.costs.router()})
+            add_into(tok.flops, {"decision": self.costs.decision("router")})
         if policy.needs_halting and tok.loop < cfg.num_loops:
             tok.halting = float(torch.sigmoid(self.model.halting_logit(tok.loop, tok.hidden[None])[0, -1]))
-            add_into(tok.flops, {"decision": self.costs.halting(cfg.halting_hidden)})
+            add_into(tok.flops, {"decision": self.costs.decision("halting", halting_width=cfg.halting_hidden)})
         if policy.decision_cost == "cosine" and tok.loop < self.max_loops:
-            add_into(tok.flops, {"decision": self.costs.cosine()})
+            add_into(tok.flops, {"decision": self.costs.decision("cosine")})
         if policy.needs_logits:
             return True
         tok.stop, tok.reason = policy.decide(self.observation())
@@ -295,14 +295,14 @@ class AdaptiveDecoder:
         signals; True when the token exits now."""
         tok, cfg, policy = self.token, self.cfg, self.policy
         tok.logits = logits
-        probe_cost = sum(self.layer_costs(cfg.coda_positions, tok.position + 1).values()) + self.costs.head()
+        coda = sum(self.layer_costs(cfg.coda_positions, tok.position + 1).values())
         if policy.needs_logits:
             tok.probs = torch.softmax(logits.float(), -1)
-            add_into(tok.flops, {"decision": probe_cost + self.costs.softmax_signals()})
+            add_into(tok.flops, {"decision": self.costs.decision("softmax", probe_layers=coda)})
             tok.stop, tok.reason = policy.decide(self.observation())
         elif self.inspect:  # candidates to show; the policy decided without them
             tok.probs = torch.softmax(logits.float(), -1)
-            tok.inspected += probe_cost
+            tok.inspected += coda + self.costs.head()
         tok.loops.append(loop_signal(tok.loop, policy, self.observation(), tok.probs, self.top_tokens))
         if not tok.stop and logits is not None and cfg.num_coda:
             for p in cfg.coda_positions:  # the probe's coda KV: undone, the token goes on
