@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 
+from model.inference.decoder import KV_MODE_SAVINGS
 from model.inference.trace import GenerationTrace, TokenStep
 
 # Colour-blind-safe sequential palette (viridis stops, light text on dark steps handled by CSS).
@@ -64,8 +65,9 @@ def counters(trace: GenerationTrace | None, speedup: float | None = None, runnin
     ]
     body = "".join(f"<div class='counter'><div class='value'>{html.escape(v)}</div>"
                    f"<div class='name'>{html.escape(k)}</div></div>" for k, v in cells)
-    hint = ("Total FLOPs include the exit decisions (an LM head per loop for confidence) and, in "
-            "<b>sync</b> mode, the deferred deeper loops of exited tokens.")
+    kv = trace.settings.get("kv_mode")
+    hint = (f"<b>{html.escape(str(kv))}</b> KV: {html.escape(KV_MODE_SAVINGS[kv])} " if kv in KV_MODE_SAVINGS else "") + \
+        "Total FLOPs include the exit decisions (an LM head per loop for confidence)."
     state = "<span class='live'>● generating</span>" if running else ""
     return f"<div class='counters'>{body}</div><div class='counter-hint'>{state} {hint}</div>"
 

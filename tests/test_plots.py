@@ -38,3 +38,15 @@ def test_where_the_time_goes_sums_measured_components_beside_the_flops(smol_toke
     counted = [b for b in fig.data if b.y[0] == "FLOPs (counted)"]
     assert abs(sum(b.x[0] for b in wall) - 100) < 1e-6 and abs(sum(b.x[0] for b in counted) - 100) < 1e-6
     assert {b.name for b in wall} >= {"block loops", "exit decisions", "sampling + detokenisation"}
+
+
+def test_the_counters_say_what_each_kv_mode_saves(smol_tokenizer):
+    """Sync spends the skipped loops later (latency, not FLOPs); copy never computes them (issue 13)."""
+    from dashboard import render
+    from model.inference.policies import Confidence
+
+    rec = recursify(tiny_llama(vocab=len(smol_tokenizer)), num_loops=2, lora_rank=4)
+    strips = {kv: render.counters(generate(rec, smol_tokenizer, "Hi", policy=Confidence(0.01), max_new_tokens=4,
+                                           kv_mode=kv)) for kv in ("copy", "sync")}
+    assert "FLOPs are not saved" in strips["sync"] and "latency" in strips["sync"]
+    assert "never computed" in strips["copy"] and "FLOPs are not saved" not in strips["copy"]

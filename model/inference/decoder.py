@@ -39,6 +39,14 @@ from model.inference.trace import LoopSignal
 # The one list of KV modes. Both engines run every mode: solo decoding (``AdaptiveDecoder``, ``stream``) and
 # the batching engine (``model.serving.BatchEngine``, the server, the dashboard's shared engine).
 KV_MODES = ("copy", "sync", "recursion", "share")
+KV_MODE_SAVINGS = {  # what each mode saves when a token exits early (the dashboard's counters say it)
+    "copy": "CALM: the skipped loops' KV is copied from the exit state, so those loops are never computed: "
+            "block FLOPs fall, at the price of approximate KV for later tokens.",
+    "sync": "FREE: the skipped loops still run later, batched into the next token's call, so FLOPs are not "
+            "saved; what sync saves is latency (a token is out after its exit loop) and the KV stays exact.",
+    "recursion": "MoR: an exited token stores no KV in deeper loops: FLOPs and KV memory saved.",
+    "share": "MoR: deeper loops read loop 1's KV and store none: FLOPs and KV memory saved.",
+}
 TOP_K_SHOWN = 5
 
 
