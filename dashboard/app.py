@@ -136,7 +136,7 @@ def build_app(service: ModelService) -> gr.Blocks:
     loaded = service.current
     loops = loaded.num_loops
     top = loop_slider_max(loops)
-    first_policy, first_threshold = loaded.suggested_policy()
+    first_policy, first_threshold, first_kv = loaded.opening_setting()
     with gr.Blocks(title="Adaptive-Depth Lab", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         model_note = gr.Markdown(f"**Loaded:** {loaded.label}. {loaded.note}", elem_id="model-note")
@@ -168,7 +168,7 @@ def build_app(service: ModelService) -> gr.Blocks:
                         with gr.Row():
                             depth = gr.Slider(1, top, value=1, step=1, label="Fixed depth")
                             max_loops = gr.Slider(1, top, value=loops, step=1, label="Max loops")
-                        kv_mode = gr.Radio(KV_CHOICES, value="sync", label="KV for exited tokens",
+                        kv_mode = gr.Radio(KV_CHOICES, value=first_kv, label="KV for exited tokens",
                                            info="sync: FREE's exact parallel catch-up · copy: CALM's state copying")
                         with gr.Accordion("Decoding", open=False):
                             max_new = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens",
