@@ -17,7 +17,8 @@ from model.paths import ASSETS_DIR
 from model.inference.trace import GenerationTrace
 
 from . import plots, render
-from .service import ModelService, ServiceError, batching_lab, load_share_file, load_trace, start_shared
+from .service import (CONVERT_INIT, CONVERT_SHARING, ConvertOptions, ModelService, ServiceError, batching_lab,
+                      load_share_file, load_trace, start_shared)
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError, from_share, share_dict
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
@@ -141,7 +142,7 @@ def build_app(service: ModelService) -> gr.Blocks:
         gr.Markdown(INTRO, elem_id="intro")
         model_note = gr.Markdown(f"**Loaded:** {loaded.label}. {loaded.note}", elem_id="model-note")
         trace_state = gr.State(None)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             # ---------------------------------------------------------------- Live
             with gr.Tab("Live", id="live"):
                 with gr.Row():
@@ -299,6 +300,42 @@ def build_app(service: ModelService) -> gr.Blocks:
                     load_btn = gr.Button("Load", scale=1, elem_id="load-model")
                 card = gr.HTML(render.model_card(loaded.description, loaded.note), elem_id="model-card")
                 diagram = gr.HTML(render.layout_diagram(loaded.description), elem_id="layout")
+            # ---------------------------------------------------------------- Convert
+            converter = service.converter()
+            with gr.Tab("Convert", id="convert"):
+                gr.Markdown("Bring your own model: convert a pretrained Llama-family model into a recursive one "
+                            "(shared layers looped, a LoRA per position initialised by truncated SVD of "
+                            "W_orig − W_shared) and see what the conversion keeps: parameters, the layer map, the "
+                            "reconstruction error of every projection, the energy a LoRA rank captures, and "
+                            "perplexity / agreement with the base on a short held-out text.")
+                with gr.Row():
+                    cv_base = gr.Dropdown(converter.base_choices(), value=converter.base_choices()[0],
+                                          label="Base model", allow_custom_value=True, scale=3, elem_id="cv-base",
+                                          info="the embedded SmolLM2, or a Llama checkpoint folder under the "
+                                               "checkpoint roots")
+                    cv_loops = gr.Slider(1, 8, value=3, step=1, label="Loops", elem_id="cv-loops")
+                    cv_rank = gr.Dropdown(["0", "8", "16", "32", "64", "128", "full"], value="64",
+                                          allow_custom_value=True, label="LoRA rank (SVD init)", elem_id="cv-rank")
+                with gr.Row():
+                    cv_sharing = gr.Radio(list(CONVERT_SHARING), value="cycle", label="Sharing scheme")
+                    cv_init = gr.Radio(list(CONVERT_INIT), value="average", label="Shared-block init")
+                    cv_btn = gr.Button("Convert", variant="primary", elem_id="cv-run", scale=0)
+                    cv_cancel = gr.Button("Cancel", elem_id="cv-cancel", scale=0)
+                cv_status = gr.Markdown("", elem_id="cv-status")
+                with gr.Row():
+                    cv_report = gr.HTML(render.conversion_report(None), elem_id="cv-report")
+                    cv_layers = gr.HTML("", elem_id="cv-layers")
+                with gr.Row():
+                    cv_error = gr.Plot(plots.reconstruction_heatmap(None), elem_id="cv-error")
+                    cv_energy = gr.Plot(plots.energy_vs_rank(None), elem_id="cv-energy")
+                with gr.Row():
+                    cv_name = gr.Textbox(value="my-conversion", label="Checkpoint name", scale=3, elem_id="cv-name",
+                                         info=f"saved under {converter.save_root}")
+                    cv_save = gr.Button("Save checkpoint", elem_id="cv-save", scale=0)
+                    cv_open = gr.Button("Open in Live", elem_id="cv-open", scale=0, interactive=False)
+                cv_saved = gr.State(None)
+                with gr.Accordion("Report (JSON)", open=False):
+                    cv_json = gr.JSON(elem_id="cv-json")
 
         # ================================================================ events
         live_inputs = [prompt, chat, policy, threshold, depth, measure, max_loops, kv_mode, max_new,
@@ -547,6 +584,48 @@ def build_app(service: ModelService) -> gr.Blocks:
         load_btn.click(load_model_event, [picker],
                        [card, diagram, model_note, legend, tokens, depth, max_loops, picker],
                        api_name="load_model", concurrency_id="model", concurrency_limit=1)
+
+        @gpu
+        @user_errors
+        def run_convert(base_v, loops_v, sharing_v, init_v, rank_v, progress=gr.Progress()):
+            options = ConvertOptions.parse(loops_v, sharing_v, init_v, rank_v)
+            yield (gr.skip(),) * 5 + (f"Converting **{base_v}**…",)
+            for fraction, message in converter.convert(base_v, options):
+                progress(fraction, desc=message)
+                yield (gr.skip(),) * 5 + (message,)  # a step boundary: Cancel stops the work here
+            report = converter.last[2]
+            held = report.get("held_out") or {}
+            msg = (f"Converted **{base_v}**: {report['config']['positions']} positions, "
+                   f"{report['params']['unique'] / 1e6:.2f} M unique parameters"
+                   + (f"; held-out perplexity {held['base_ppl']:.2f} → {held['ppl']:.2f}, agreement "
+                      f"{held['agreement']:.3f}" if held else "") + ". Save it to open it in Live.")
+            yield (render.conversion_report(report), render.layer_map_table(report),
+                   plots.reconstruction_heatmap(report), plots.energy_vs_rank(report), report, msg)
+
+        convert_event = cv_btn.click(run_convert, [cv_base, cv_loops, cv_sharing, cv_init, cv_rank],
+                                     [cv_report, cv_layers, cv_error, cv_energy, cv_json, cv_status],
+                                     api_name="convert", concurrency_id="model", concurrency_limit=1)
+        cv_cancel.click(lambda: "Conversion cancelled.", None, [cv_status], cancels=[convert_event],
+                        api_name="convert_cancel")
+
+        @user_errors
+        def save_conversion(name_v):
+            folder = converter.save(name_v)
+            return (f"Saved to `{folder}`: pick it in the Model tab or press **Open in Live**.", str(folder),
+                    gr.update(interactive=True), gr.update(choices=service.choices()))
+
+        cv_save.click(save_conversion, [cv_name], [cv_status, cv_saved, cv_open, picker], api_name="convert_save",
+                      concurrency_id="model", concurrency_limit=1)
+
+        @user_errors
+        def open_in_live(saved):
+            if not saved:
+                raise ServiceError("Save the conversion first.")
+            return (*load_model_event(saved), gr.Tabs(selected="live"))
+
+        cv_open.click(open_in_live, [cv_saved], [card, diagram, model_note, legend, tokens, depth, max_loops, picker,
+                                                 tabs], api_name="convert_open", concurrency_id="model",
+                      concurrency_limit=1)
     return demo
 
 

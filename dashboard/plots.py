@@ -248,3 +248,36 @@ def time_breakdown(trace: GenerationTrace | None) -> go.Figure:
     fig.update_layout(barmode="stack", title="Where the time goes (share of the run, %)", xaxis_title="%",
                       **{**LAYOUT, "height": 260, "legend": dict(orientation="h", y=-0.45)})
     return fig
+
+
+def reconstruction_heatmap(report: dict | None) -> go.Figure:
+    """Positions × projections: ||W_orig − (W_shared + BA)||_F / ||W_orig||_F."""
+    fig = go.Figure()
+    if report:
+        names = report["projections"]
+        z = [[p["error"][n] for n in names] for p in report["positions"]]
+        y = [f"pos {p['position']} (orig {p['original']})" for p in report["positions"]]
+        top = max(0.05, report["summary"]["max_error"])  # errors below 5% all look small
+        fig.add_heatmap(z=z, x=names, y=y, colorscale="Viridis", zmin=0, zmax=top, colorbar=dict(title="rel. error"),
+                        hovertemplate="%{y} · %{x}: %{z:.4f}<extra></extra>")
+        fig.update_yaxes(autorange="reversed")
+    fig.update_layout(**{**LAYOUT, "height": max(280, 18 * len(report["positions"]) + 80) if report else 280},
+                      title="Relative reconstruction error at the chosen LoRA rank")
+    return fig
+
+
+def energy_vs_rank(report: dict | None) -> go.Figure:
+    """Share of ||W_orig − W_shared||² captured by the top-r singular values, averaged over looped positions."""
+    fig = go.Figure()
+    if report:
+        for name, curve in report["summary"]["mean_energy"].items():
+            fig.add_scatter(x=report["ranks"], y=curve, mode="lines+markers", name=name)
+        rank = report["config"]["lora_rank"]
+        if isinstance(rank, int) and rank > 0:  # a line trace, not add_vline: shapes on a log axis take log10(x)
+            fig.add_scatter(x=[rank, rank], y=[0, 1], mode="lines", name=f"chosen rank {rank}",
+                            line=dict(color="black", dash="dot"))
+        fig.update_xaxes(type="log", tickvals=report["ranks"], ticktext=[str(r) for r in report["ranks"]])
+        fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(title="Captured energy vs LoRA rank (singular values of W_orig − W_shared)",
+                      xaxis_title="rank", yaxis_title="share of σ²", **LAYOUT)
+    return fig

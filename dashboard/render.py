@@ -188,3 +188,52 @@ def ghost_line(teacher_text: str, agreement: float) -> str:
     return (f"<div class='ghost'><span class='ghost-label'>teacher (SmolLM2, no sharing):</span> "
             f"{html.escape(teacher_text)}<div class='ghost-note'>the teacher's own top-1 choice for "
             f"<b>{agreement:.2f}</b> of the answer's tokens above (teacher-forced)</div></div>")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def conversion_report(report: dict | None) -> str:
+    """The Convert tab's numbers: parameters before/after, the held-out check, the layer map."""
+    if not report:
+        return "<div class='conversion empty'>Pick a base and settings, then press Convert.</div>"
+    c, p = report["config"], report["params"]
+    rows = [("base", report.get("base", "?"), ""),
+            ("layout", f"{c['base_layers']} layers", f"{c['positions']} positions: {c['num_loops']} loops × "
+                                                     f"{c['block_size']} ({c['sharing']}, init {c['init']})"),
+            ("LoRA rank", "–", str(c["lora_rank"])),
+            ("unique parameters", _millions(p["base"]), f"{_millions(p['unique'])} "
+                                                        f"({100 * p['unique_share_of_base']:.0f}% of the base)"),
+            ("of which LoRA", "–", _millions(p["lora"])),
+            ("effective parameters", _millions(p["base"]), _millions(p["effective"]))]
+    held = report.get("held_out")
+    if held:
+        rows += [("held-out perplexity", f"{held['base_ppl']:.2f}", f"{held['ppl']:.2f}"),
+                 ("top-1 agreement with the base", "1.00", f"{held['agreement']:.3f}"),
+                 ("KL(base ‖ converted)", "0", f"{held['kl']:.3f}")]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(b))}</td><td>{html.escape(str(a))}</td></tr>"
+                    for k, b, a in rows)
+    note = (f"<p class='note'>Held-out check on {held['tokens']} tokens of a fixed English text, "
+            f"after the last loop; per loop: perplexity "
+            f"{' / '.join(f'{x:.1f}' for x in held['per_loop']['ppl'])}, agreement "
+            f"{' / '.join(f'{x:.2f}' for x in held['per_loop']['agreement'])}.</p>") if held else ""
+    worst = report["summary"]["max_error"]
+    return (f"<div class='conversion'><table><tr><th></th><th>before (base)</th><th>after (converted)</th></tr>"
+            f"{table}</table>{note}<p>Largest relative reconstruction error of any projection: "
+            f"<b>{worst:.3f}</b>.</p></div>")
+
+
+def layer_map_table(report: dict | None) -> str:
+    """Position → role, loop, unique layer, original layer; with the shared-weights diagram above it."""
+    if not report:
+        return ""
+    c, rows = report["config"], report["layer_map"]
+    diagram = layout_diagram({"layer_map": [r["unique"] for r in rows], "block_size": c["block_size"],
+                              "num_prelude": sum(r["role"] == "prelude" for r in rows),
+                              "num_coda": sum(r["role"] == "coda" for r in rows)})
+    body = "".join(f"<tr><td>{r['position']}</td><td>{r['role']}</td><td>{r['loop'] or '–'}</td><td>{r['unique']}</td>"
+                   f"<td>{r['original']}</td><td>{', '.join(map(str, r['sources']))}</td></tr>" for r in rows)
+    return (f"{diagram}<details class='layer-map'><summary>Layer map table</summary><table><tr><th>position</th>"
+            f"<th>role</th><th>loop</th><th>unique layer</th><th>stands for original layer</th>"
+            f"<th>shared weights from</th></tr>{body}</table></details>")

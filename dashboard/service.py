@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import ModelLoadError, load_model
+from model import LabError, ModelLoadError, load_model
 from model import recursify
 from model.io.checkpoint import default_device
 from model.io.default import FALLBACK_CONVERSION
@@ -27,6 +27,9 @@ from model.inference.prompts import encode_prompt
 from model.errors import TraceFormatError
 from model.paths import REPO_ROOT, cache_dir
 from model.inference.policies import make_policy
+from model.conversion.analysis import convert_steps
+from model.definition.config import INIT_METHODS, SHARING_SCHEMES
+from model.io.checkpoint import EMBEDDED_NAME, save_checkpoint
 from model.evaluation.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
 from model.inference.trace import GenerationTrace
 
@@ -122,6 +125,18 @@ def checkpoint_folders(roots: list[Path]) -> list[Path]:
     return found
 
 
+def llama_folders(roots: list[Path]) -> list[Path]:
+    """Plain Llama checkpoints (``"model_type": "llama"`` + safetensors) under ``roots``: bases to convert."""
+    found = []
+    for root in roots:
+        if root.exists():
+            for cfg in sorted(root.glob("**/config.json")):
+                text = cfg.read_text(errors="ignore")
+                if '"model_type": "llama"' in text and any(cfg.parent.glob("*.safetensors")):
+                    found.append(cfg.parent)
+    return found
+
+
 class ModelService:
     def __init__(self, preload: Loaded | None = None, max_cached: int = 2,
                  checkpoint_roots: list[Path] | None = None, allow_local: bool | None = None):
@@ -138,6 +153,7 @@ class ModelService:
         self._worker_label: str | None = None
         self._teacher: Loaded | None = None
         self.generations_started = 0
+        self._converter = None
         if preload is not None:
             self._remember(preload)
             self.current = preload
@@ -213,6 +229,12 @@ class ModelService:
         self._order = [l for l in self._order if l != loaded.label] + [loaded.label]
         while len(self._order) > self.max_cached:
             self._cache.pop(self._order.pop(0), None)
+
+    def converter(self) -> "Converter":
+        """The Convert tab's state (one per service)."""
+        if self._converter is None:
+            self._converter = Converter(self)
+        return self._converter
 
     # --- generation -------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, chat: bool) -> tuple[str, str | None]:
@@ -319,7 +341,121 @@ class ModelService:
         return make_policy(settings.policy, settings.threshold, settings.depth, settings.measure)
 
 
-__all__ = ["Loaded", "ModelService", "ServiceError"]
+__all__ = ["ConvertOptions", "Converter", "Loaded", "ModelService", "ServiceError"]
+
+
+# --- the Convert tab: bring your own base ----------------------------------------------------------
+MAX_CONVERT_LOOPS = 8
+CONVERT_SHARING, CONVERT_INIT = SHARING_SCHEMES, INIT_METHODS
+SAVE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Validated Convert-tab settings."""
+
+    num_loops: int
+    sharing: str
+    init: str
+    lora_rank: int | str
+
+    @classmethod
+    def parse(cls, loops, sharing, init, rank) -> "ConvertOptions":
+        try:
+            loops = int(loops)
+        except (TypeError, ValueError):
+            raise ServiceError(f"Loops must be a whole number, got {loops!r}.") from None
+        if not 1 <= loops <= MAX_CONVERT_LOOPS:
+            raise ServiceError(f"Loops must be between 1 and {MAX_CONVERT_LOOPS}, got {loops}.")
+        if sharing not in SHARING_SCHEMES:
+            raise ServiceError(f"Sharing must be one of {', '.join(SHARING_SCHEMES)}, got {sharing!r}.")
+        if init not in INIT_METHODS:
+            raise ServiceError(f"Init must be one of {', '.join(INIT_METHODS)}, got {init!r}.")
+        text = str(rank).strip().lower()
+        if text != "full":
+            try:
+                rank = int(float(text))
+            except ValueError:
+                raise ServiceError(f"LoRA rank must be 0, a positive whole number or 'full', got {rank!r}.") from None
+            if rank < 0 or rank > 4096:
+                raise ServiceError(f"LoRA rank must be between 0 and 4096 (or 'full'), got {rank}.")
+        return cls(loops, sharing, init, "full" if text == "full" else rank)
+
+
+class Converter:
+    """The Convert tab's state: bases it may convert, the last conversion and its report, saving it."""
+
+    def __init__(self, service: ModelService, save_root: Path | None = None):
+        self.service = service
+        self.bases: dict[str, tuple] = {}  # label -> (model, tokenizer) held in memory (tests, preloaded)
+        roots = service.checkpoint_roots
+        default = cache_dir("runs") / "converted"
+        inside = any(default.resolve().is_relative_to(r.expanduser().resolve()) for r in roots)
+        self.save_root = Path(save_root) if save_root else (default if inside or not roots else roots[0] / "converted")
+        self.last: tuple | None = None  # (model, tokenizer, report, base label)
+
+    def add_base(self, label: str, model, tokenizer) -> None:
+        self.bases[label] = (model, tokenizer)
+
+    def base_choices(self) -> list[str]:
+        """In-memory bases, the embedded SmolLM2, and plain Llama folders under the checkpoint roots."""
+        local = [str(p) for p in llama_folders(self.service.checkpoint_roots)] if self.service.allow_local else []
+        return [*self.bases, EMBEDDED_NAME, *local]
+
+    def load_base(self, label: str):
+        """``(model, tokenizer)`` of a base: an in-memory one, the embedded SmolLM2, or an allowed folder."""
+        label = (label or "").strip()
+        if label in self.bases:
+            return self.bases[label]
+        try:
+            if label == EMBEDDED_NAME:
+                return load_model(EMBEDDED_NAME)
+            folder = self.service.allowed_folder(label)
+            if folder is None:
+                raise ServiceError("This base is not available here: pick the embedded model, or a Llama checkpoint "
+                                   "folder under the configured checkpoint roots.")
+            model, tok = load_model(folder)
+        except ModelLoadError as exc:
+            raise ServiceError(str(exc)) from exc
+        if getattr(model.config, "model_type", None) != "llama":
+            raise ServiceError(f"The base must be a plain Llama-family model (this one is "
+                               f"{getattr(model.config, 'model_type', 'unknown')!r}).")
+        return model, tok
+
+    def convert(self, base_label: str, options: ConvertOptions):
+        """Convert and analyse, yielding ``(fraction, message)``; ends with the report in ``self.last``.
+        Closing the generator stops the work between steps."""
+        yield 0.0, "loading the base…"
+        base, tok = self.load_base(base_label)
+        steps = convert_steps(base, tok, num_loops=options.num_loops, sharing=options.sharing, init=options.init,
+                              lora_rank=options.lora_rank, base_name=base_label)
+        try:
+            for kind, fraction, payload in steps:
+                if kind == "done":
+                    rec, report = payload
+                    report["base"] = base_label
+                    self.last = (rec, tok, report, base_label)
+                    return
+                yield fraction, payload
+        except ValueError as exc:  # a layout recursify cannot build
+            raise ServiceError(f"Cannot convert with these settings: {exc}") from exc
+        finally:
+            steps.close()
+
+    def save(self, name: str) -> Path:
+        """Save the last conversion as a checkpoint folder under the save root; returns the folder."""
+        if self.last is None:
+            raise ServiceError("Convert a model first, then save it.")
+        name = (name or "").strip()
+        if not name or not set(name) <= SAVE_NAME_CHARS or name.startswith("."):
+            raise ServiceError("Give the checkpoint a name of letters, digits, '-', '_' or '.' (not starting with '.').")
+        rec, tok, report, _ = self.last
+        folder = self.save_root / name
+        try:
+            save_checkpoint(rec, tok, folder)
+        except (OSError, LabError) as exc:
+            raise ServiceError(f"Could not save the checkpoint: {exc}") from exc
+        return folder
 
 
 # --- shared batching engine (several browser users share one batch) ---------------------------------

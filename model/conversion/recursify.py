@@ -18,7 +18,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from model.definition.config import INIT_METHODS, PROJECTIONS, SHARING_SCHEMES, RecursiveConfig
-from model.definition.lora import svd_factors
 from model.definition.modeling import RecursiveForCausalLM, projection_owner
 
 log = logging.getLogger(__name__)
@@ -108,11 +107,14 @@ def recursify(
     lora_rank: int | str = 0,
     block_size: int | None = None,
     base_name: str | None = None,
+    init_lora: bool = True,
 ) -> RecursiveForCausalLM:
     """Convert a pretrained Llama-family causal LM into a ``RecursiveForCausalLM``.
 
     ``lora_rank``: 0 (pure sharing), a positive int, or ``"full"`` (exact reconstruction).
     ``num_loops=1`` keeps every layer unique (the original model, exactly).
+    ``init_lora=False`` leaves the LoRA pairs at zero; ``init_position_lora_`` then sets them one position
+    at a time (the Convert tab does, to show progress).
     """
     if lora_rank != "full" and (not isinstance(lora_rank, int) or lora_rank < 0):
         raise ValueError(f"lora_rank must be a non-negative int or 'full', got {lora_rank!r}")
@@ -139,6 +141,8 @@ def recursify(
     rec = RecursiveForCausalLM(config).to(dtype)
     with torch.no_grad():
         _copy_weights(base, rec, layout, sources)
+        for p in range(layout.num_positions) if init_lora else ():
+            init_position_lora_(rec, base, p, layout.original_of_position[p])
     rec.tie_weights()
     rec.eval()
     log.info("recursified: %s", rec.parameter_counts())
@@ -161,14 +165,25 @@ def _copy_weights(base: PreTrainedModel, rec: RecursiveForCausalLM, layout: Layo
         original = src_layers[layout.original_of_position[p]]
         layer.input_layernorm.weight.copy_(original.input_layernorm.weight)
         layer.post_attention_layernorm.weight.copy_(original.post_attention_layernorm.weight)
-        for name in PROJECTIONS:
-            lora = getattr(projection_owner(layer, name), name)
-            if lora.rank == 0:
-                continue
-            residual = _projection(original, name).weight.float() - lora.weight.float()
-            a, b = svd_factors(residual, lora.rank)
-            lora.lora_A.copy_(a)
-            lora.lora_B.copy_(b)
+
+
+@torch.no_grad()
+def init_position_lora_(rec: RecursiveForCausalLM, base: PreTrainedModel, position: int,
+                        original: int) -> dict[str, torch.Tensor]:
+    """Set the LoRA pairs of one position by truncated SVD of ``W_original - W_shared``; returns the singular
+    values of each projection's residual that carries a LoRA (computed anyway)."""
+    layer, source = rec.model.layers[position], base.model.layers[original]
+    spectra = {}
+    for name in PROJECTIONS:
+        lora = getattr(projection_owner(layer, name), name)
+        if lora.rank == 0:
+            continue
+        residual = _projection(source, name).weight.float() - lora.weight.float()
+        u, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
+        lora.lora_A.copy_(vh[:lora.rank].to(lora.lora_A.dtype))
+        lora.lora_B.copy_((u[:, :lora.rank] * sigma[:lora.rank]).to(lora.lora_B.dtype))
+        spectra[name] = sigma
+    return spectra
 
 
 def _projection(layer: nn.Module, name: str) -> nn.Linear:
