@@ -17,8 +17,8 @@ from model.paths import ASSETS_DIR
 from model.inference.trace import GenerationTrace
 
 from . import plots, render
-from .service import (CONVERT_INIT, CONVERT_SHARING, ConvertOptions, ModelService, ServiceError, batching_lab,
-                      load_share_file, load_trace, start_shared)
+from .service import (CONVERT_INIT, CONVERT_LORA_INIT, CONVERT_SHARING, ConvertOptions, ModelService, ServiceError,
+                      batching_lab, hub_allowed, load_share_file, load_trace, start_shared)
 from .settings import KV_CHOICES, MAX_NEW_TOKENS, POLICY_CHOICES, Settings, SettingsError, from_share, share_dict
 
 try:  # Hugging Face Spaces with ZeroGPU: GPU-bound handlers borrow a GPU per call
@@ -305,20 +305,24 @@ def build_app(service: ModelService) -> gr.Blocks:
             with gr.Tab("Convert", id="convert"):
                 gr.Markdown("Bring your own model: convert a pretrained Llama-family model into a recursive one "
                             "(shared layers looped, a LoRA per position initialised by truncated SVD of "
-                            "W_orig − W_shared) and see what the conversion keeps: parameters, the layer map, the "
+                            "W_orig − W_shared, plain or activation-aware) and see what the conversion keeps: "
+                            "parameters, the layer map, the "
                             "reconstruction error of every projection, the energy a LoRA rank captures, and "
                             "perplexity / agreement with the base on a short held-out text.")
                 with gr.Row():
                     cv_base = gr.Dropdown(converter.base_choices(), value=converter.base_choices()[0],
                                           label="Base model", allow_custom_value=True, scale=3, elem_id="cv-base",
                                           info="the embedded SmolLM2, or a Llama checkpoint folder under the "
-                                               "checkpoint roots")
+                                               "checkpoint roots" + (", or a Hub id" if hub_allowed() else ""))
                     cv_loops = gr.Slider(1, 8, value=3, step=1, label="Loops", elem_id="cv-loops")
                     cv_rank = gr.Dropdown(["0", "8", "16", "32", "64", "128", "full"], value="64",
-                                          allow_custom_value=True, label="LoRA rank (SVD init)", elem_id="cv-rank")
+                                          allow_custom_value=True, label="LoRA rank", elem_id="cv-rank")
                 with gr.Row():
                     cv_sharing = gr.Radio(list(CONVERT_SHARING), value="cycle", label="Sharing scheme")
                     cv_init = gr.Radio(list(CONVERT_INIT), value="average", label="Shared-block init")
+                    cv_lora_init = gr.Radio(list(CONVERT_LORA_INIT), value="svd", label="LoRA init", elem_id="cv-lora-init",
+                                            info="asvd: activation-aware, calibrated on 4k tokens of the teacher's "
+                                                 "committed chat answers")
                     cv_btn = gr.Button("Convert", variant="primary", elem_id="cv-run", scale=0)
                     cv_cancel = gr.Button("Cancel", elem_id="cv-cancel", scale=0)
                 cv_status = gr.Markdown("", elem_id="cv-status")
@@ -587,8 +591,8 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         @gpu
         @user_errors
-        def run_convert(base_v, loops_v, sharing_v, init_v, rank_v, progress=gr.Progress()):
-            options = ConvertOptions.parse(loops_v, sharing_v, init_v, rank_v)
+        def run_convert(base_v, loops_v, sharing_v, init_v, rank_v, lora_init_v="svd", progress=gr.Progress()):
+            options = ConvertOptions.parse(loops_v, sharing_v, init_v, rank_v, lora_init_v)
             yield (gr.skip(),) * 5 + (f"Converting **{base_v}**…",)
             for fraction, message in converter.convert(base_v, options):
                 progress(fraction, desc=message)
@@ -602,7 +606,7 @@ def build_app(service: ModelService) -> gr.Blocks:
             yield (render.conversion_report(report), render.layer_map_table(report),
                    plots.reconstruction_heatmap(report), plots.energy_vs_rank(report), report, msg)
 
-        convert_event = cv_btn.click(run_convert, [cv_base, cv_loops, cv_sharing, cv_init, cv_rank],
+        convert_event = cv_btn.click(run_convert, [cv_base, cv_loops, cv_sharing, cv_init, cv_rank, cv_lora_init],
                                      [cv_report, cv_layers, cv_error, cv_energy, cv_json, cv_status],
                                      api_name="convert", concurrency_id="model", concurrency_limit=1)
         cv_cancel.click(lambda: "Conversion cancelled.", None, [cv_status], cancels=[convert_event],

@@ -202,7 +202,8 @@ def conversion_report(report: dict | None) -> str:
     rows = [("base", report.get("base", "?"), ""),
             ("layout", f"{c['base_layers']} layers", f"{c['positions']} positions: {c['num_loops']} loops × "
                                                      f"{c['block_size']} ({c['sharing']}, init {c['init']})"),
-            ("LoRA rank", "–", str(c["lora_rank"])),
+            ("LoRA rank", "–", f"{c['lora_rank']} ({'activation-aware' if c.get('lora_init') == 'asvd' else 'plain'}"
+                                " SVD init)"),
             ("unique parameters", _millions(p["base"]), f"{_millions(p['unique'])} "
                                                         f"({100 * p['unique_share_of_base']:.0f}% of the base)"),
             ("of which LoRA", "–", _millions(p["lora"])),
@@ -219,9 +220,13 @@ def conversion_report(report: dict | None) -> str:
             f"{' / '.join(f'{x:.1f}' for x in held['per_loop']['ppl'])}, agreement "
             f"{' / '.join(f'{x:.2f}' for x in held['per_loop']['agreement'])}.</p>") if held else ""
     worst = report["summary"]["max_error"]
+    outputs = report["summary"].get("mean_output_error")
+    out_note = (f" Mean relative error of the looped projections' <i>outputs</i> on the calibration text: "
+                f"<b>{sum(outputs.values()) / len(outputs):.3f}</b> (what the activation-aware init minimises)."
+                if outputs else "")
     return (f"<div class='conversion'><table><tr><th></th><th>before (base)</th><th>after (converted)</th></tr>"
-            f"{table}</table>{note}<p>Largest relative reconstruction error of any projection: "
-            f"<b>{worst:.3f}</b>.</p></div>")
+            f"{table}</table>{note}<p>Largest relative reconstruction error of any projection's weights: "
+            f"<b>{worst:.3f}</b>.{out_note}</p></div>")
 
 
 def layer_map_table(report: dict | None) -> str:

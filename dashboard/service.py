@@ -27,9 +27,10 @@ from model.inference.prompts import encode_prompt
 from model.errors import TraceFormatError
 from model.paths import REPO_ROOT, cache_dir
 from model.inference.policies import make_policy
-from model.conversion.analysis import convert_steps
+from model.conversion.analysis import LORA_INITS, convert_steps
+from model.data.answer_store import calibration_texts
 from model.definition.config import INIT_METHODS, SHARING_SCHEMES
-from model.io.checkpoint import EMBEDDED_NAME, save_checkpoint
+from model.io.checkpoint import EMBEDDED_NAME, load_tokenizer, looks_like_hub_id, save_checkpoint
 from model.evaluation.sweep import evaluate_depths, fixed_depth_points, replay, score_ids, sweep
 from model.inference.trace import GenerationTrace
 
@@ -60,6 +61,13 @@ class ServiceError(RuntimeError):
 def default_checkpoint_roots() -> list[Path]:
     """Where training runs land: ``runs/`` in the repo and the cache's ``runs/``."""
     return [REPO_ROOT / "runs", cache_dir("runs")]
+
+
+def hub_allowed() -> bool:
+    """Hub ids are tried only where the Hub is reachable: on Spaces, or with ``LAB_ALLOW_HUB=1``."""
+    if os.environ.get("LAB_ALLOW_HUB"):
+        return os.environ["LAB_ALLOW_HUB"] not in ("0", "false", "no")
+    return bool(os.environ.get("SPACE_ID"))
 
 
 def local_checkpoints_allowed() -> bool:
@@ -346,7 +354,7 @@ __all__ = ["ConvertOptions", "Converter", "Loaded", "ModelService", "ServiceErro
 
 # --- the Convert tab: bring your own base ----------------------------------------------------------
 MAX_CONVERT_LOOPS = 8
-CONVERT_SHARING, CONVERT_INIT = SHARING_SCHEMES, INIT_METHODS
+CONVERT_SHARING, CONVERT_INIT, CONVERT_LORA_INIT = SHARING_SCHEMES, INIT_METHODS, LORA_INITS
 SAVE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -358,9 +366,10 @@ class ConvertOptions:
     sharing: str
     init: str
     lora_rank: int | str
+    lora_init: str = "svd"
 
     @classmethod
-    def parse(cls, loops, sharing, init, rank) -> "ConvertOptions":
+    def parse(cls, loops, sharing, init, rank, lora_init="svd") -> "ConvertOptions":
         try:
             loops = int(loops)
         except (TypeError, ValueError):
@@ -379,7 +388,9 @@ class ConvertOptions:
                 raise ServiceError(f"LoRA rank must be 0, a positive whole number or 'full', got {rank!r}.") from None
             if rank < 0 or rank > 4096:
                 raise ServiceError(f"LoRA rank must be between 0 and 4096 (or 'full'), got {rank}.")
-        return cls(loops, sharing, init, "full" if text == "full" else rank)
+        if lora_init not in LORA_INITS:
+            raise ServiceError(f"LoRA init must be one of {', '.join(LORA_INITS)}, got {lora_init!r}.")
+        return cls(loops, sharing, init, "full" if text == "full" else rank, lora_init)
 
 
 class Converter:
@@ -398,7 +409,8 @@ class Converter:
         self.bases[label] = (model, tokenizer)
 
     def base_choices(self) -> list[str]:
-        """In-memory bases, the embedded SmolLM2, and plain Llama folders under the checkpoint roots."""
+        """In-memory bases, the embedded SmolLM2, and plain Llama folders under the checkpoint roots
+        (a Hub id may also be typed where the Hub is allowed: ``hub_allowed``)."""
         local = [str(p) for p in llama_folders(self.service.checkpoint_roots)] if self.service.allow_local else []
         return [*self.bases, EMBEDDED_NAME, *local]
 
@@ -411,10 +423,15 @@ class Converter:
             if label == EMBEDDED_NAME:
                 return load_model(EMBEDDED_NAME)
             folder = self.service.allowed_folder(label)
-            if folder is None:
+            if folder is not None:
+                model, tok = load_model(folder)
+            elif looks_like_hub_id(label) and hub_allowed():
+                model, tok = load_model(label)
+            else:
                 raise ServiceError("This base is not available here: pick the embedded model, or a Llama checkpoint "
-                                   "folder under the configured checkpoint roots.")
-            model, tok = load_model(folder)
+                                   "folder under the configured checkpoint roots"
+                                   + (", or a Hub id." if hub_allowed() else " (Hub ids only where the Hub is "
+                                      "reachable: on Spaces, or with LAB_ALLOW_HUB=1)."))
         except ModelLoadError as exc:
             raise ServiceError(str(exc)) from exc
         if getattr(model.config, "model_type", None) != "llama":
@@ -427,8 +444,15 @@ class Converter:
         Closing the generator stops the work between steps."""
         yield 0.0, "loading the base…"
         base, tok = self.load_base(base_label)
+        texts = None
+        if options.lora_init == "asvd":
+            try:  # the teacher's committed chat answers, decoded, then tokenized by the base's own tokenizer
+                texts = calibration_texts(load_tokenizer(EMBEDDED_NAME))
+            except LabError as exc:
+                raise ServiceError(f"No calibration text for the activation-aware init: {exc}") from exc
         steps = convert_steps(base, tok, num_loops=options.num_loops, sharing=options.sharing, init=options.init,
-                              lora_rank=options.lora_rank, base_name=base_label)
+                              lora_rank=options.lora_rank, base_name=base_label, lora_init=options.lora_init,
+                              calibration_texts=texts)
         try:
             for kind, fraction, payload in steps:
                 if kind == "done":

@@ -105,3 +105,34 @@ def test_stepwise_lora_init_equals_recursify(base):
     for (name, a), (_, b) in zip(stepped.state_dict().items(), direct.state_dict().items()):
         assert torch.equal(a, b), name
     assert "held_out" not in report
+
+
+def test_activation_aware_init_lowers_the_output_error(smol_tokenizer):
+    """``lora_init="asvd"`` reports output errors on the calibration text, lower than plain SVD's there."""
+    from model.conversion.analysis import CALIBRATION_LEN, CALIBRATION_ROWS, position_analysis
+    from model.conversion.asvd import calibrate, text_batches
+    from model.data.answer_store import calibration_texts
+
+    big = tiny_llama(layers=6, vocab=len(smol_tokenizer), seed=4)
+    texts = calibration_texts(smol_tokenizer, count=24)
+    assert len(texts) == 24 and all("<|im_start|>" in t for t in texts)  # chat conversations, decoded
+    *_, (kind, _, (rec, report)) = list(convert_steps(big, smol_tokenizer, num_loops=3, lora_rank=4,
+                                                      lora_init="asvd", calibration_texts=texts))
+    assert kind == "done" and report["config"]["lora_init"] == "asvd"
+    cov = calibrate(big, text_batches(smol_tokenizer, texts, CALIBRATION_ROWS, CALIBRATION_LEN))
+    svd = recursify(big, num_loops=3, lora_rank=4)  # plain SVD factors, the same covariances
+    svd_rows = [position_analysis(big, svd, row["position"], row["original"], [4], covariances=cov)
+                for row in report["layer_map"]]
+    for ours, plain in zip(report["positions"], svd_rows):
+        for name in PROJECTIONS:
+            assert ours["output_error"][name] <= plain["output_error"][name] + 1e-6, (ours["position"], name)
+    mean = lambda rows: sum(sum(r["output_error"].values()) for r in rows) / len(rows)
+    assert mean(report["positions"]) < 0.95 * mean(svd_rows)
+    assert set(report["summary"]["mean_output_error"]) == set(PROJECTIONS)
+
+
+def test_asvd_needs_calibration_text(base):
+    with pytest.raises(ValueError, match="calibration"):
+        list(convert_steps(base, None, num_loops=3, lora_rank=4, lora_init="asvd"))
+    with pytest.raises(ValueError, match="lora_init"):
+        list(convert_steps(base, None, num_loops=3, lora_rank=4, lora_init="pca"))

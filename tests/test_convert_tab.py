@@ -38,8 +38,19 @@ def test_convert_returns_the_report(app):
     assert low["held_out"]["agreement"] < 1.0
 
 
+def test_activation_aware_init_over_http(app):
+    _, client, _ = app
+    report_html, *_, report, status = client.predict("tiny base", 3, "cycle", "average", "4", "asvd",
+                                                     api_name="/convert")
+    assert report["config"]["lora_init"] == "asvd" and "activation-aware" in report_html
+    assert set(report["summary"]["mean_output_error"]) == set(report["projections"])
+    assert "outputs</i> on the calibration text" in report_html and "Converted" in status
+
+
 @pytest.mark.parametrize("args,message", [
     (("tiny base", 3, "cycle", "average", "lots"), "LoRA rank"),
+    (("tiny base", 3, "cycle", "average", "4", "pca"), "not in the list of choices"),  # gradio checks the Radio
+    (("HuggingFaceTB/SmolLM2-135M", 2, "cycle", "average", "4"), "Hub ids only where the Hub is reachable"),
     (("tiny base", 7, "cycle", "average", "4"), "Cannot convert"),
     (("/etc", 2, "cycle", "average", "4"), "not available here"),
 ])
@@ -91,3 +102,38 @@ def test_figures_and_html_from_a_report():
     text = render.conversion_report(report)
     assert f"{report['params']['unique'] / 1e6:.2f} M" in text and "held-out" not in text  # no tokenizer: no check
     assert render.layer_map_table(report).count("<tr>") == 7  # header + 6 positions
+
+
+def test_options_refuse_an_unknown_lora_init():
+    from dashboard.service import ConvertOptions, ServiceError
+
+    assert ConvertOptions.parse(2, "cycle", "average", "8", "asvd").lora_init == "asvd"
+    with pytest.raises(ServiceError, match="LoRA init must be one of svd, asvd"):
+        ConvertOptions.parse(2, "cycle", "average", "8", "pca")
+
+
+@pytest.mark.timeout(1800)  # a 30-layer conversion with calibration on a loaded 2-core machine
+def test_the_embedded_model_converts_saves_and_runs_in_live(app):
+    """The issue's flow on the real embedded SmolLM2: convert (activation-aware LoRA), save, open in Live, generate."""
+    import json
+
+    from model.inference.trace import GenerationTrace
+    from tests.dashboard_helpers import live_args
+
+    service, client, root = app
+    report_html, *_, report, status = client.predict("smollm2-135m", 2, "middle_cycle", "average", "64", "asvd",
+                                                     api_name="/convert")
+    c, held = report["config"], report["held_out"]
+    assert (c["base_layers"], c["positions"], c["block_size"], c["lora_init"]) == (30, 30, 14, "asvd")
+    assert report["params"]["unique"] < report["params"]["base"]  # shares weights for real
+    assert held["base_ppl"] < held["ppl"] and 0.0 < held["agreement"] < 1.0  # rank 64 loses something, not all
+    assert "smollm2-135m" in status and "activation-aware" in report_html
+    client.predict("smol-asvd", api_name="/convert_save")
+    folder = root / "converted" / "smol-asvd"
+    client.predict(str(folder), api_name="/convert_open")
+    assert service.current.label == str(folder) and service.current.num_loops == 2
+    result = client.predict(*live_args(prompt_v="What is the capital of France?", policy_v="fixed", depth_v=2,
+                                       max_loops_v=2, max_new_v=6), api_name="/generate")
+    trace = GenerationTrace.from_dict(json.load(open(result[7])))
+    assert len(trace.steps) >= 1 and {s.depth for s in trace.steps} == {2} and "finish reason" in result[8]
+    assert trace.model["num_loops"] == 2

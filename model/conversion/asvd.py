@@ -66,8 +66,9 @@ def calibrate(teacher: nn.Module, batches: Iterable[torch.Tensor]) -> Covariance
             handles.append(getattr(projection_owner(layer, name), name).register_forward_pre_hook(acc))
     try:
         device = next(teacher.parameters()).device
+        body = getattr(teacher, "model", teacher)  # the decoder stack: the LM head feeds no projection
         for batch in batches:
-            teacher(input_ids=batch.to(device))
+            body(input_ids=batch.to(device))
     finally:
         for handle in handles:
             handle.remove()
@@ -117,26 +118,55 @@ def original_positions(rec: RecursiveForCausalLM, num_base_layers: int) -> list[
 
 
 @torch.no_grad()
+def asvd_position_(rec: RecursiveForCausalLM, teacher: nn.Module, position: int, original: int,
+                   covariances: Covariances, damping: float = 1e-3,
+                   whiteners: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
+    """Overwrite the LoRA pairs of one position with activation-aware factors of its residual (in place).
+    ``whiteners``: a cache shared across positions (one whitening per teacher layer and input)."""
+    whiteners = {} if whiteners is None else whiteners
+    layer, source = rec.model.layers[position], teacher.model.layers[original]
+    for name in PROJECTIONS:
+        lora = getattr(projection_owner(layer, name), name)
+        if lora.rank == 0:
+            continue
+        residual = getattr(projection_owner(source, name), name).weight.float() - lora.weight.float()
+        key = (original, INPUT_OF[name])
+        if key not in whiteners:
+            whiteners[key] = whitening(covariances[key], damping)
+        a, b = asvd_factors(residual, None, lora.rank, whitener=whiteners[key])
+        lora.lora_A.copy_(a.to(lora.lora_A.dtype))
+        lora.lora_B.copy_(b.to(lora.lora_B.dtype))
+
+
+@torch.no_grad()
 def apply_asvd_(rec: RecursiveForCausalLM, teacher: nn.Module, covariances: Covariances,
                 damping: float = 1e-3) -> RecursiveForCausalLM:
     """Overwrite every LoRA pair of ``rec`` with activation-aware factors of its residual (in place)."""
     originals = original_positions(rec, len(teacher.model.layers))
     whiteners: dict[tuple[int, str], torch.Tensor] = {}
-    for p, layer in enumerate(rec.model.layers):
-        source = teacher.model.layers[originals[p]]
-        for name in PROJECTIONS:
-            lora = getattr(projection_owner(layer, name), name)
-            if lora.rank == 0:
-                continue
-            original = getattr(projection_owner(source, name), name).weight
-            residual = original.float() - lora.weight.float()
-            key = (originals[p], INPUT_OF[name])
-            if key not in whiteners:
-                whiteners[key] = whitening(covariances[key], damping)
-            a, b = asvd_factors(residual, None, lora.rank, whitener=whiteners[key])
-            lora.lora_A.copy_(a.to(lora.lora_A.dtype))
-            lora.lora_B.copy_(b.to(lora.lora_B.dtype))
+    for p in range(len(rec.model.layers)):
+        asvd_position_(rec, teacher, p, originals[p], covariances, damping, whiteners)
     return rec
+
+
+def text_batches(tokenizer, texts: Iterable[str], num_rows: int, seq_len: int,
+                 batch_size: int = 4) -> Iterable[torch.Tensor]:
+    """Calibration rows from plain texts: tokenized with ``tokenizer``, joined (EOS between texts) and cut
+    into ``num_rows`` rows of ``seq_len`` tokens (fewer if the texts run out), ``batch_size`` rows at a time."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    rows: list[list[int]] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False).input_ids + eos
+        while len(stream) >= seq_len and len(rows) < num_rows:
+            rows.append(stream[:seq_len])
+            stream = stream[seq_len:]
+        if len(rows) >= num_rows:
+            break
+    if not rows:
+        raise ValueError(f"the calibration texts hold fewer than {seq_len} tokens")
+    for i in range(0, len(rows), batch_size):
+        yield torch.tensor(rows[i:i + batch_size])
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:

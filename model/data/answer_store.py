@@ -201,6 +201,15 @@ def packed_rows(split: str = "train", seq_len: int = 512, seed: int = 0, folder:
     return torch.from_numpy(rows.astype(np.int64))
 
 
+def calibration_texts(tokenizer: Any, count: int = 64, seed: int = 0, folder: Path = ASSET_FOLDER) -> list[str]:
+    """``count`` train conversations (prompt + the teacher's answer, chat template) as text, in a seeded
+    order, decoded with ``tokenizer`` (the embedded SmolLM2's, whose ids these are): calibration text that
+    is committed, offline and never held out."""
+    answers = load_answers("train", folder)
+    order = np.random.default_rng(seed).permutation(len(answers))[:count]
+    return [tokenizer.decode(conversation_ids(answers[i])) for i in order]
+
+
 def read_manifest(folder: Path = ASSET_FOLDER) -> dict[str, Any]:
     return json.loads((folder / "manifest.json").read_text())
 

@@ -34,7 +34,7 @@ from model.io.folders import (
 from model.paths import ASSETS_DIR
 
 __all__ = ["EMBEDDED_NAME", "ModelLoadError", "atomic_write_folder", "default_device", "load_model",
-           "load_tokenizer", "recover_folder", "save_checkpoint"]
+           "load_tokenizer", "looks_like_hub_id", "recover_folder", "save_checkpoint"]
 
 
 def load_model(
@@ -50,7 +50,7 @@ def load_model(
         model, tokenizer = load_folder(default_folder(ASSETS_DIR / name), name)
     elif recover_folder(Path(name).expanduser()).exists():
         model, tokenizer = load_folder(Path(name).expanduser(), name)
-    elif _looks_like_hub_id(name):
+    elif looks_like_hub_id(name):
         model = _hub_weights(name)
         tokenizer = tokenizer_for(name, model, name)
     else:
@@ -65,7 +65,8 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` (not a path): what ``load_model`` tries on the Hugging Face Hub."""
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
