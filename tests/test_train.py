@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=()):
     T.train(uptrain_args(base, tmp / "resumed", extra=extra))  # the same command again: continues from step 2
 
     a, b = run_state.load_trainer_state(tmp / "straight"), run_state.load_trainer_state(tmp / "resumed")
-    for key in ("step", "tokens_seen", "epoch", "row", "answer_epoch", "answer_row", "answer_rows_seen"):
+    for key in ("step", "tokens_seen", "epoch", "row", "answer_epoch", "answer_row", "answer_rows_seen",
+                "on_policy_epoch", "on_policy_prompt", "on_policy_rows_seen", "on_policy_tokens_sampled"):
         assert a["progress"][key] == b["progress"][key], key
     assert a["scheduler"] == b["scheduler"]
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -230,7 +232,7 @@ def test_answers_share_mixes_rows_and_resumes(tiny_run, answer_rows, monkeypatch
     args = uptrain_args(base, tmp / "probe", extra=["--answers-share", "0.7"])
     progress = run_state.Progress()
     batches = training_rows.training_batches(model.data.iter_batches, args, progress, world=1, rank=0)
-    rows = torch.cat([next(batches) for _ in range(15)])  # 30 rows: 21 answers (two passes over 10), 9 prose
+    rows = torch.cat([next(batches)[0] for _ in range(15)])  # 30 rows: 21 answers (two passes over 10), 9 prose
     assert int((rows[:, 0] == ANSWER_MARK).sum()) == 21 and progress.answer_rows_seen == 21
     assert (progress.answer_epoch, progress.answer_row, progress.row) == (2, 1, 9) and answer_rows == [0, 1, 2]
 
@@ -257,3 +259,139 @@ def test_uptrain_from_a_trained_model_appends_a_stage(tiny_run, answer_rows):
                 if json.loads(line)["kind"] == "val"]
 
     assert val_ppl("ft")[0] == pytest.approx(val_ppl("up")[-1], rel=1e-5)  # it started from the trained model
+
+
+# --- on-policy distillation (model/training/on_policy.py) ---------------------------------------------
+ON_POLICY = ["--answers-share", "0.5", "--on-policy-share", "0.5", "--on-policy-tokens", "4", "--with-exits",
+             "--halting-hidden", "8"]
+
+
+@pytest.fixture
+def chat_prompts(monkeypatch):
+    """Synthetic train answers patched into model.data.answer_store.load_answers: 12 distinct prompts of 2-6
+    tokens (each twice: a greedy and a sampled answer), ids >= 3 (EOS is 2)."""
+    import model.data.answer_store as store
+
+    g = torch.Generator().manual_seed(11)
+    answers = []
+    for i in range(12):
+        prompt = torch.randint(3, 256, (2 + i % 5,), generator=g).tolist()
+        for mode in ("greedy", "sampled"):
+            answers.append(store.Answer(f"p{i}", "train", "k", "s", "d", mode, None, True, prompt, [5, 6, 2]))
+    monkeypatch.setattr(store, "load_answers", lambda split="train", *a, **k: answers if split == "train" else [])
+    return {tuple(a.prompt_ids) for a in answers}
+
+
+def test_row_source_spreads_on_policy_rows_within_the_answer_rows():
+    class Args:
+        answers_share, on_policy_share = 0.6, 0.5
+
+    sources = [training_rows.row_source(i, Args) for i in range(100)]
+    assert sources.count("prose") == 40 and sources.count("on_policy") == 30 and sources.count("answer") == 30
+    Args.on_policy_share = 0.0
+    assert [training_rows.row_source(i, Args) for i in range(100)].count("answer") == 60
+
+
+def test_masked_losses_equal_the_losses_on_the_real_positions_only():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    pieces = [objectives.kd_loss(student[0:1], teacher[0:1]) * 6, objectives.kd_loss(student[1:, :3], teacher[1:, :3]) * 3]
+    assert float(objectives.kd_loss(student, teacher, mask=mask)) == pytest.approx(float(sum(pieces) / 9), rel=1e-5)
+    assert float(objectives.kd_loss(student, teacher, mask=torch.ones(2, 6, dtype=torch.bool))) == \
+        pytest.approx(float(objectives.kd_loss(student, teacher)), rel=1e-6)
+    ce = [objectives.next_token_ce(student[0:1], ids[0:1]) * 5, objectives.next_token_ce(student[1:, :3], ids[1:, :3]) * 2]
+    assert float(objectives.next_token_ce(student, ids, mask)) == pytest.approx(float(sum(ce) / 7), rel=1e-5)
+
+
+def test_sample_answers_batched_equals_one_at_a_time(tiny_run):
+    from model.conversion.recursify import recursify
+    from model.training.on_policy import OnPolicySettings, sample_answers
+
+    rec = recursify(tiny_llama(layers=6), num_loops=2, sharing="cycle", lora_rank=4).eval()
+    prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13], [40, 41]]
+    settings = OnPolicySettings(1.0, max_new_tokens=6, temperature=0.7, top_p=0.9)
+    batched = sample_answers(rec, prompts, [1, 2, 3], 2, settings)
+    alone = [sample_answers(rec, [p], [s], 2, settings)[0] for p, s in zip(prompts, [1, 2, 3])]
+    assert batched == alone and all(1 <= len(a) <= 6 for a in batched)
+    greedy = sample_answers(rec, prompts, [None] * 3, 2, settings)
+    for prompt, answer in zip(prompts, greedy):  # greedy = the argmax of an unpadded full forward
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            top = rec(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        assert top[: len(answer)] == answer
+
+
+def test_on_policy_rows_hold_whole_student_conversations_and_are_deterministic(tiny_run, answer_rows, chat_prompts):
+    from model.training.on_policy import OnPolicyRows
+
+    tmp, base = tiny_run
+    args = uptrain_args(base, tmp / "probe", extra=ON_POLICY)
+    calls = []
+
+    def sample(prompts, seeds):  # a stand-in student: 1-3 tokens (< N: every row keeps padding), seed only
+        calls.append(len(prompts))
+        return [[3 + s % 50] * (1 + s % 3) + ([2] if s % 2 else []) for s in seeds]
+
+    def rows_of(progress):
+        on_policy = OnPolicyRows(args, progress, sample, eos_id=2)
+        batches = training_rows.training_batches(model.data.iter_batches, args, progress, 1, 0, on_policy)
+        return [next(batches) for _ in range(8)]  # 4 steps x 2 micro-batches x 2 rows = 16 rows, 4 on-policy
+
+    first, progress = rows_of(run_state.Progress()), None
+    second = rows_of(run_state.Progress())
+    assert all(torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) for a, b in zip(first, second))
+    assert calls[:4] == calls[4:] and len(calls) == 8  # one generation call per optimizer step
+    masked = [(ids[r], mask[r]) for ids, mask in first if mask is not None for r in range(2) if not mask[r].all()]
+    assert len(masked) == 4  # every on-policy row has padding: the budget reserves N + 1 tokens per answer
+    for ids, mask in masked:
+        real = ids[mask].tolist()
+        assert real[-1] == 2 and not mask[int(mask.sum()):].any()
+        # conversations: a known prompt, then the stand-in answer (one repeated token), then EOS
+        ends = [i for i, t in enumerate(real) if t == 2]
+        for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends):
+            piece = real[start:end]
+            prompt = next(p for p in chat_prompts if tuple(piece[: len(p)]) == p and len(set(piece[len(p):])) == 1)
+            assert 1 <= len(piece) - len(prompt) <= 3
+    progress = run_state.Progress()
+    rows_of(progress)
+    assert progress.on_policy_rows_seen == 4 and progress.on_policy_conversations >= 4
+    assert progress.answer_rows_seen == 4 and progress.row == 8
+
+
+def test_on_policy_run_resumes_exactly_and_records_provenance(tiny_run, answer_rows, chat_prompts, monkeypatch):
+    tmp, base = tiny_run
+    state = assert_resume_matches_straight_run(tmp, base, monkeypatch, extra=ON_POLICY)
+    for key in ("on_policy_epoch", "on_policy_prompt", "on_policy_rows_seen", "on_policy_conversations",
+                "on_policy_tokens_sampled", "on_policy_padding"):
+        assert state["progress"][key] == run_state.load_trainer_state(tmp / "resumed")["progress"][key], key
+    assert state["progress"]["on_policy_rows_seen"] == 4 and state["progress"]["on_policy_tokens_sampled"] > 0
+    data = load_model(tmp / "resumed" / "checkpoint")[0].config.training["stages"][-1]["data"]
+    assert data["on_policy_share"] == 0.5 and data["on_policy_rows_consumed"] == 4
+    assert data["tokens_sampled_by_student"] == state["progress"]["on_policy_tokens_sampled"]
+    assert data["answer_rows_consumed"] == 4 and data["rows_consumed"] == 8 and data["tokens_from_prose"] == 8 * SEQ
+
+
+def test_on_policy_toy_run_loss_is_finite_and_falls(tiny_run, chat_prompts):
+    tmp, base = tiny_run
+    from model.conversion.recursify import recursify
+
+    # a student converted from another random model, both with sharper logits than a fresh tiny Llama's
+    # (near uniform): a KL worth learning (a fresh conversion of the teacher starts at ~0.01)
+    teacher, other = tiny_llama(layers=6), tiny_llama(layers=6, seed=1)
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight.mul_(3)
+        other.model.embed_tokens.weight.mul_(3)
+    teacher.save_pretrained(base)
+    recursify(other, num_loops=2, sharing="cycle", init="average", lora_rank=4).save_pretrained(tmp / "student")
+    load_tokenizer("smollm2-135m").save_pretrained(tmp / "student")
+    out = tmp / "op"
+    T.train(uptrain_args(base, out, steps=8, extra=["--from", str(tmp / "student"), "--train", "all", "--answers-share",
+                                                     "1", "--on-policy-share", "1", "--on-policy-tokens", "6"]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in records if r["kind"] == "train"]
+    assert len(kd) == 8 and all(math.isfinite(x) for x in kd)
+    assert sum(kd[-3:]) / 3 < 0.8 * sum(kd[:3]) / 3
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["sampled_tokens"] > 0 and last["on_policy_s"] > 0

@@ -6,6 +6,11 @@ docs/TRAINING.md): ``config.json`` (the RecursiveConfig, including the training 
 ``weights.safetensors`` (the trained LoRA factors, per-position norms and halting heads; int8 with
 per-row scales where noted). ``default_folder()`` rebuilds the full model once, caches it under
 ``cache_dir("models", "default-<artifact hash>")`` and returns that folder for ``load_model``.
+
+A run that trained the shared block (or the embeddings) too is exported with ``--block-rank R``: each
+such weight is stored as a truncated-SVD delta to the fresh conversion, ``W = W_fresh + B @ A`` (``B``:
+out x R, ``A``: R x in; int8 or int4 with per-row scales), so the artifact still rebuilds from the
+embedded base; ``export`` refuses an artifact over ``MAX_ARTIFACT_BYTES``.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ ARTIFACT_NAMES = ("default", "default-mor")  # load_model names of the committed
 FALLBACK_CONVERSION = dict(num_loops=3, sharing="cycle", init="average", lora_rank="full")
 ARTIFACT_FILES = ("config.json", "conversion.json", "weights.safetensors")  # + SHA256SUMS, checked before use
 _SCALE_SUFFIX = ".int8_scale"
+_INT4_SCALE, _INT4_COLS = ".int4_scale", ".int4_cols"
+DELTA_B, DELTA_A = ".delta_B", ".delta_A"  # a recomputed weight's low-rank delta: W = W_fresh + B @ A
+MAX_ARTIFACT_BYTES = 50 * 2**20  # issue 13: the committed default stays <= 50 MB
 
 
 def artifact_hash(folder: Path = ARTIFACT_DIR) -> str:
@@ -117,6 +125,7 @@ def rebuild(artifact: Path = ARTIFACT_DIR):
         state = {**dequantize_state(load_file(str(base_artifact / "weights.safetensors"))), **state}
     recomputed = {k: v for k, v in plain.state_dict().items() if k not in state}
     merged = {**recomputed, **state}
+    apply_deltas_(merged, config.tie_word_embeddings)
     result = model.load_state_dict(merged, strict=False)
     missing = [k for k in result.missing_keys if k != "lm_head.weight"]
     if missing or result.unexpected_keys:
@@ -126,9 +135,11 @@ def rebuild(artifact: Path = ARTIFACT_DIR):
     return model.eval(), tokenizer
 
 
-# --- int8 storage with per-row scales ---------------------------------------------------------------
-def quantize_state(state: dict[str, torch.Tensor], int8_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Store the 2-D tensors named in ``int8_keys`` as int8 + fp32 per-row scales; the rest as fp32."""
+# --- int8 / int4 storage with per-row scales --------------------------------------------------------
+def quantize_state(state: dict[str, torch.Tensor], int8_keys: set[str],
+                   int4_keys: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Store the 2-D tensors named in ``int8_keys`` as int8 + fp32 per-row scales, those in ``int4_keys``
+    as int4 (two per byte, symmetric -7..7) + fp32 per-row scales + their column count; the rest as fp32."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         value = value.detach().float().cpu()
@@ -136,6 +147,14 @@ def quantize_state(state: dict[str, torch.Tensor], int8_keys: set[str]) -> dict[
             scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
             out[key] = torch.round(value / scale).clamp(-127, 127).to(torch.int8).contiguous()
             out[key + _SCALE_SUFFIX] = scale.squeeze(1).contiguous()
+        elif key in int4_keys and value.ndim == 2:
+            scale = value.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 7.0
+            nibbles = (torch.round(value / scale).clamp(-7, 7) + 8).to(torch.uint8)
+            if nibbles.shape[1] % 2:  # pad to whole bytes with a zero (8)
+                nibbles = torch.cat([nibbles, torch.full((nibbles.shape[0], 1), 8, dtype=torch.uint8)], 1)
+            out[key] = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+            out[key + _INT4_SCALE] = scale.squeeze(1).contiguous()
+            out[key + _INT4_COLS] = torch.tensor([value.shape[1]], dtype=torch.int64)
         else:
             out[key] = value.contiguous()
     return out
@@ -145,11 +164,37 @@ def dequantize_state(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """Inverse of ``quantize_state`` (fp32 tensors)."""
     state = {}
     for key, value in stored.items():
-        if key.endswith(_SCALE_SUFFIX):
+        if key.endswith((_SCALE_SUFFIX, _INT4_SCALE, _INT4_COLS)):
+            continue
+        if key + _INT4_SCALE in stored:
+            nibbles = torch.stack([value & 15, value >> 4], dim=2).reshape(value.shape[0], -1)
+            columns = int(stored[key + _INT4_COLS][0])
+            state[key] = (nibbles[:, :columns].float() - 8) * stored[key + _INT4_SCALE][:, None]
             continue
         scale = stored.get(key + _SCALE_SUFFIX)
         state[key] = value.float() * scale[:, None] if scale is not None else value.float()
     return state
+
+
+# --- low-rank deltas of recomputed weights (a trained shared block) ---------------------------------
+def low_rank_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A`` the best rank-``rank`` approximation of ``delta`` (truncated SVD;
+    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``, so both factors have rows of similar scale for int8)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float()
+
+
+def apply_deltas_(state: dict[str, torch.Tensor], tied_embeddings: bool) -> None:
+    """Replace every ``<key>.delta_B`` / ``<key>.delta_A`` pair in ``state`` by ``state[key] += B @ A``
+    (in place); with tied embeddings a changed embedding also is the head."""
+    keys = [k[: -len(DELTA_B)] for k in state if k.endswith(DELTA_B)]
+    for key in keys:
+        b, a = state.pop(key + DELTA_B), state.pop(key + DELTA_A)
+        state[key] = state[key].float() + b.double().matmul(a.double()).float()
+    if keys and tied_embeddings:
+        state.pop("lm_head.weight", None)  # re-tied to the (changed) embedding after loading
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -157,16 +202,24 @@ RECOMPUTED_PREFIXES = ("model.shared_layers.", "model.embed_tokens.", "lm_head."
 
 
 @torch.no_grad()
-def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = True, check_rows: int = 2) -> dict:
-    """Write ``artifact`` from a trained checkpoint whose shared block was frozen (``--train lora``).
+def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = True, check_rows: int = 2,
+                    block_rank: int | None = None, block_bits: int = 8, max_bytes: int = MAX_ARTIFACT_BYTES) -> dict:
+    """Write ``artifact`` from a trained checkpoint.
 
     Stores every tensor except the shared block, embeddings and head (recomputed from the base);
-    LoRA factors as int8 with per-row scales when ``int8``. Verifies that the frozen parts really
-    equal a fresh conversion, then records the rebuilt model's perplexity on the first
-    ``check_rows`` validation rows (``config.training["artifact"]``) for the load test.
+    LoRA factors as int8 with per-row scales when ``int8``. The recomputed parts must equal a fresh
+    conversion (``--train lora``), unless ``block_rank``: then each 2-D weight among them that training
+    changed (shared projections; the embedding, which is also the head when tied) is stored as a rank-
+    ``block_rank`` truncated-SVD delta to the fresh conversion, its factors as int8 (``block_bits`` 8) or
+    int4 (4) with per-row scales, and any other changed tensor whole (fp32). Refuses an artifact over
+    ``max_bytes``. Records the rebuilt model's perplexity on the first ``check_rows`` validation rows
+    beside the run's own (``config.training["artifact"]``): the cost of the compression.
     """
+    from safetensors.torch import save as save_bytes
     from model.conversion.recursify import recursify
 
+    if block_bits not in (4, 8):
+        raise ValueError(f"--block-bits must be 8 or 4, got {block_bits}")
     trained, _ = load_folder(run_model_folder(source))
     cfg = trained.config
     conversion = {"base": cfg.base_model, "loops": cfg.num_loops, "sharing": cfg.sharing,
@@ -175,28 +228,58 @@ def export_artifact(source: Path, artifact: Path = ARTIFACT_DIR, int8: bool = Tr
     plain = recursify(base, num_loops=cfg.num_loops, sharing=cfg.sharing, init=cfg.init_method, lora_rank=0,
                       block_size=cfg.block_size, base_name=cfg.base_model).state_dict()
     state = trained.state_dict()
-    for key, value in state.items():
-        if key.startswith(RECOMPUTED_PREFIXES) and not torch.equal(value, plain[key]):
-            raise ValueError(f"{key} differs from a fresh conversion: train with --train lora to export")
+    changed = [k for k, v in state.items() if k.startswith(RECOMPUTED_PREFIXES) and not torch.equal(v, plain[k])
+               and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]  # a tied head is the embedding
+    if changed and block_rank is None:
+        raise ValueError(f"{changed[0]} (and {len(changed) - 1} more) differ from a fresh conversion: train with "
+                         "--train lora, or export the trained block as a low-rank delta with --block-rank R")
     kept = {k: v for k, v in state.items() if not k.startswith(RECOMPUTED_PREFIXES)}
-    stored = quantize_state(kept, {k for k in kept if "lora_" in k} if int8 else set())
-    artifact.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file(stored, str(artifact / "weights.safetensors"))
-    (artifact / "conversion.json").write_text(json.dumps(conversion, indent=1) + "\n")
+    factor_keys, errors = set(), []
+    for key in changed:
+        if state[key].ndim != 2:
+            kept[key] = state[key]
+            continue
+        delta = state[key].float() - plain[key].float()
+        b, a = low_rank_delta(delta, block_rank)
+        kept[key + DELTA_B], kept[key + DELTA_A] = b, a
+        factor_keys |= {key + DELTA_B, key + DELTA_A}
+        errors.append(float(torch.linalg.norm(delta - b @ a) / torch.linalg.norm(delta).clamp_min(1e-30)))
+    lora = {k for k in kept if "lora_" in k} if int8 else set()
+    stored = quantize_state(kept, lora | (factor_keys if block_bits == 8 else set()),
+                            factor_keys if block_bits == 4 else set())
+    weights = save_bytes(stored)
     training = dict(cfg.training or {})
     config_dict = cfg.to_dict()
     config_dict["training"] = training
-    (artifact / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
+    texts = {"conversion.json": json.dumps(conversion, indent=1) + "\n",
+             "config.json": json.dumps(config_dict, indent=1) + "\n"}
+    size = len(weights) + sum(len(t.encode()) for t in texts.values())
+    if size > max_bytes:
+        raise ValueError(f"the artifact would take {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB limit"
+                         + (f" ({len(changed)} trained recomputed weights at --block-rank {block_rank}, "
+                            f"{block_bits}-bit): lower --block-rank" + (" or use --block-bits 4" if block_bits == 8
+                                                                         else "") if changed else ""))
+    artifact.mkdir(parents=True, exist_ok=True)
+    (artifact / "weights.safetensors").write_bytes(weights)
+    for name, text in texts.items():
+        (artifact / name).write_text(text)
     rebuilt, _ = rebuild(artifact)
     check = {"rows": check_rows, "split": "val",
              "ppl_rebuilt": validation_ppl(rebuilt, check_rows), "ppl_fp32": validation_ppl(trained, check_rows),
-             "int8": int8, "bytes": (artifact / "weights.safetensors").stat().st_size}
+             "int8": int8, "bytes": len(weights)}
+    if changed:
+        check["block_delta"] = {
+            "rank": block_rank, "bits": block_bits, "tensors": len(changed),
+            "embedding": any(k.startswith(("model.embed_tokens.", "lm_head.")) for k in changed),
+            "bytes": sum(stored[k].numel() * stored[k].element_size() for k in stored
+                         if k.startswith(tuple(factor_keys))),
+            "svd_relative_error": {"mean": sum(errors) / max(1, len(errors)), "max": max(errors, default=0.0)}}
+        check["ppl_change"] = check["ppl_rebuilt"] / check["ppl_fp32"] - 1
     training["artifact"] = check
     config_dict["training"] = training
     (artifact / "config.json").write_text(json.dumps(config_dict, indent=1) + "\n")
     write_checksums(artifact)
+    check["artifact_bytes"] = sum((artifact / name).stat().st_size for name in ARTIFACT_FILES)
     log.info("artifact %s: %s", artifact, check)
     return check
 
@@ -246,10 +329,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m model.io.default", description="export / build the trained default")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    exp = sub.add_parser("export", help="write assets/default from a trained run (shared block frozen)")
+    exp = sub.add_parser("export", help="write assets/default from a trained run (shared block frozen, or "
+                                        "trained and stored as a low-rank delta: --block-rank)")
     exp.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
     exp.add_argument("--out", type=Path, default=ARTIFACT_DIR)
     exp.add_argument("--fp32", action="store_true", help="store LoRA factors in fp32 instead of int8")
+    exp.add_argument("--block-rank", type=int, default=None, metavar="R",
+                     help="a run that trained the shared block / embeddings (--train all): store each changed weight "
+                          "as a rank-R truncated-SVD delta to the fresh conversion (default: refuse such a run)")
+    exp.add_argument("--block-bits", type=int, default=8, choices=[8, 4],
+                     help="storage of the delta factors: int8 or int4, per-row scales")
+    exp.add_argument("--max-mb", type=float, default=MAX_ARTIFACT_BYTES / 2**20,
+                     help="refuse an artifact larger than this many MiB (default 50)")
     ovl = sub.add_parser("export-overlay", help="write an artifact holding only what a run adds to the default "
                                                   "(e.g. assets/default-mor: the routers)")
     ovl.add_argument("--from", dest="source", type=Path, required=True, help="run or checkpoint folder")
@@ -261,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "export":
-        print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32), indent=1))
+        print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32, block_rank=args.block_rank,
+                                         block_bits=args.block_bits, max_bytes=int(args.max_mb * 2**20)), indent=1))
     elif args.cmd == "export-overlay":
         print(json.dumps(export_overlay(args.source, args.out, args.base), indent=1))
     else:

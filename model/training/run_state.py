@@ -68,6 +68,13 @@ class Progress:
     answer_epoch: int = 0  # passes over the teacher-answer rows (--answers-share)
     answer_row: int = 0  # teacher-answer rows of this pass consumed
     answer_rows_seen: int = 0  # teacher-answer rows consumed in all passes
+    on_policy_epoch: int = 0  # passes over the train prompts answered by the student (--on-policy-share)
+    on_policy_prompt: int = 0  # prompts of this pass consumed
+    on_policy_rows_seen: int = 0  # on-policy rows (all processes)
+    on_policy_conversations: int = 0  # conversations in them (this process's rows)
+    on_policy_tokens_sampled: int = 0  # answer tokens the student sampled (this process's rows)
+    on_policy_padding: int = 0  # masked padding tokens at the end of on-policy rows (this process's rows)
+    on_policy_seconds: float = 0.0  # wall-clock spent sampling
     wall_seconds: float = 0.0
     history: list = field(default_factory=list)  # validation records
 
@@ -136,6 +143,8 @@ def provenance(previous: dict | None, args, command: str, progress: Progress, fi
             "epoch": progress.epoch, "rows_consumed": progress.row}
     if args.answers_share > 0:
         data.update(answers_provenance(args, progress))
+    if getattr(args, "on_policy_share", 0) > 0:
+        data.update(on_policy_provenance(args, progress))
     record = {
         "stage": args.stage, "command": command, "complete": final,
         "data": data,
@@ -162,7 +171,7 @@ def answers_provenance(args, progress: Progress) -> dict:
     from model.data.answer_store import ASSET_FOLDER, read_manifest
 
     manifest = read_manifest(ASSET_FOLDER) if (ASSET_FOLDER / "manifest.json").exists() else {}
-    prose_rows = progress.tokens_seen // args.seq_len - progress.answer_rows_seen
+    prose_rows = progress.tokens_seen // args.seq_len - progress.answer_rows_seen - progress.on_policy_rows_seen
     return {"answers_share": args.answers_share, "answer_rows_consumed": progress.answer_rows_seen,
             "answer_epoch": progress.answer_epoch, "answer_row": progress.answer_row,
             "tokens_from_answers": progress.answer_rows_seen * args.seq_len,
@@ -170,3 +179,17 @@ def answers_provenance(args, progress: Progress) -> dict:
             "answers_set": {"split": "train", "exported_at": manifest.get("exported_at"),
                             **{k: manifest.get("splits", {}).get("train", {}).get(k)
                                for k in ("records", "prompt_tokens", "answer_tokens")}}}
+
+
+def on_policy_provenance(args, progress: Progress) -> dict:
+    """The student-sampled share (``--on-policy-share``): rows, tokens the student wrote, padding, time."""
+    return {"on_policy_share": args.on_policy_share, "on_policy_rows_consumed": progress.on_policy_rows_seen,
+            "tokens_from_on_policy": progress.on_policy_rows_seen * args.seq_len,
+            "on_policy_conversations": progress.on_policy_conversations,
+            "tokens_sampled_by_student": progress.on_policy_tokens_sampled,
+            "on_policy_padding_tokens": progress.on_policy_padding,
+            "on_policy_epoch": progress.on_policy_epoch, "on_policy_prompt": progress.on_policy_prompt,
+            "on_policy_sampling": {"max_new_tokens": args.on_policy_tokens, "temperature": args.on_policy_temperature,
+                                   "top_p": args.on_policy_top_p, "model": "the student at full depth, no grad, "
+                                   "its weights at the start of each optimizer step"},
+            "on_policy_sampling_seconds": round(progress.on_policy_seconds, 1)}

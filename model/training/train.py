@@ -18,6 +18,8 @@ Data: rows of the prose ``train`` split, or with ``--answers-share S`` a mix: gl
 comes from the teacher's own chat answers (``model.data.answer_store.packed_rows("train", ...)``, prompt +
 answer, forward KL on every position like the prose) when ``answer_row(n, S)``, so exactly
 ``floor(n * S)`` of the first ``n`` rows do, spread evenly; each stream keeps its own epoch and position.
+With ``--on-policy-share P`` a share ``P`` of those answer rows hold the student's own sampled answers to the
+same prompts instead (``model.training.on_policy``: GKD / MiniLLM-style on-policy distillation).
 
 A run folder holds ``checkpoint/`` (a loadable model folder plus ``trainer_state.pt``: optimizer,
 scheduler, RNG, step, tokens seen and data position; replaced atomically), ``log.txt`` and
@@ -92,6 +94,12 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
 
     if not 0 <= args.answers_share <= 1:
         raise ValueError(f"--answers-share must be in [0, 1], got {args.answers_share}")
+    on_policy_settings = None
+    if getattr(args, "on_policy_share", 0) > 0:
+        from model.training.on_policy import OnPolicySettings
+
+        on_policy_settings = OnPolicySettings.from_args(args)
+        on_policy_settings.validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python -m model.training " + " ".join(shlex.quote(a) for a in args.argv)
@@ -157,7 +165,8 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
     if args.stage == "routers":
         from model.training.routers import routers_loss
 
-        def loss_fn(model, teacher_logits, ids, args):
+        def loss_fn(model, teacher_logits, ids, args, mask=None):
+            assert mask is None, "the routers stage trains on full rows only"
             return routers_loss(model, teacher_logits, ids, args, kd_loss, progress.step)
     else:
         loss_fn = exits_loss if args.stage == "exits" or getattr(args, "with_exits", False) else uptrain_loss
@@ -189,15 +198,22 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     started, wall_at_start = time.time(), progress.wall_seconds
     first_step, timing = progress.step, {}
-    batches = training_batches(iter_batches, args, progress, world, accelerator.process_index)
+    on_policy = None
+    if on_policy_settings is not None:  # the student samples a share of the answer rows (on_policy.py)
+        from model.training.on_policy import OnPolicyRows, student_sampler
+
+        sample = student_sampler(unwrapped, accelerator.autocast, tokenizer.eos_token_id, on_policy_settings)
+        on_policy = OnPolicyRows(args, progress, sample, tokenizer.eos_token_id)
+    batches = training_batches(iter_batches, args, progress, world, accelerator.process_index, on_policy)
     micro, stats = 0, {}
     while progress.step < total_steps:
-        ids = next(batches).to(device)
+        ids, mask = next(batches)
+        ids, mask = ids.to(device), None if mask is None else mask.to(device)
         with accelerator.accumulate(model):
             with torch.no_grad(), accelerator.autocast():
                 teacher_logits = teacher(input_ids=ids).logits
             with accelerator.autocast():
-                loss, stats = loss_fn(model, teacher_logits, ids, args)
+                loss, stats = loss_fn(model, teacher_logits, ids, args, mask)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -216,6 +232,9 @@ def _train(args: argparse.Namespace, out: Path, accelerator) -> Path:
         rate = progress.tokens_seen / max(progress.wall_seconds, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{rate:.0f}")
+        if on_policy is not None:
+            stats.update(on_policy_s=round(progress.on_policy_seconds, 2),
+                         sampled_tokens=progress.on_policy_tokens_sampled)
         _append_jsonl(out / "metrics.jsonl", {"kind": "train", "step": progress.step, "loss": float(loss.detach()),
                                               "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen,
                                               "wall_seconds": round(progress.wall_seconds, 1), **stats})
@@ -281,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
         recipe.add_argument("--halting-hidden", type=int, default=64, help="halting head hidden width")
         recipe.add_argument("--halting-weight", type=float, default=1.0, help="BCE weight of the halting heads")
         recipe.add_argument("--halting-lr", type=float, default=3e-3, help="learning rate of the (fresh) halting heads")
+    for p in (up, ex):
+        policy = p.add_argument_group("on-policy distillation (model/training/on_policy.py)")
+        policy.add_argument("--on-policy-share", type=float, default=0.0, metavar="P",
+                            help="share of the teacher-answer rows (--answers-share) whose prompts the student answers "
+                                 "itself (full depth, no grad, current weights); the teacher scores prompt + answer")
+        policy.add_argument("--on-policy-tokens", type=int, default=128, metavar="N",
+                            help="new tokens the student samples per prompt at most (stops at the end of its turn)")
+        policy.add_argument("--on-policy-temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+        policy.add_argument("--on-policy-top-p", type=float, default=0.9, help="nucleus of the student's sampling")
     ro = sub.add_parser("routers", help="Mixture-of-Recursions routers on a trained run (model/training/routers.py)")
     from model.training.routers import add_router_arguments
 
