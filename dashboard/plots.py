@@ -251,18 +251,23 @@ def time_breakdown(trace: GenerationTrace | None) -> go.Figure:
 
 
 def reconstruction_heatmap(report: dict | None) -> go.Figure:
-    """Positions × projections: ||W_orig − (W_shared + BA)||_F / ||W_orig||_F."""
+    """Positions × projections: ||W_orig − (W_shared + BA)||_F / ||W_orig||_F, or, for the activation-aware
+    init, the relative error of the projection's outputs on the calibration text (what that init minimises)."""
     fig = go.Figure()
+    title = "Relative reconstruction error at the chosen LoRA rank"
     if report:
         names = report["projections"]
-        z = [[p["error"][n] for n in names] for p in report["positions"]]
+        key = "output_error" if "output_error" in report["positions"][0] else "error"
+        z = [[p[key][n] for n in names] for p in report["positions"]]
         y = [f"pos {p['position']} (orig {p['original']})" for p in report["positions"]]
-        top = max(0.05, report["summary"]["max_error"])  # errors below 5% all look small
+        top = max(0.05, max(max(row) for row in z))  # errors below 5% all look small
         fig.add_heatmap(z=z, x=names, y=y, colorscale="Viridis", zmin=0, zmax=top, colorbar=dict(title="rel. error"),
                         hovertemplate="%{y} · %{x}: %{z:.4f}<extra></extra>")
         fig.update_yaxes(autorange="reversed")
+        if key == "output_error":
+            title = "Relative output error on the calibration text at the chosen LoRA rank"
     fig.update_layout(**{**LAYOUT, "height": max(280, 18 * len(report["positions"]) + 80) if report else 280},
-                      title="Relative reconstruction error at the chosen LoRA rank")
+                      title=title)
     return fig
 
 

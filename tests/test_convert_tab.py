@@ -137,3 +137,16 @@ def test_the_embedded_model_converts_saves_and_runs_in_live(app):
     trace = GenerationTrace.from_dict(json.load(open(result[7])))
     assert len(trace.steps) >= 1 and {s.depth for s in trace.steps} == {2} and "finish reason" in result[8]
     assert trace.model["num_loops"] == 2
+
+
+def test_the_heatmap_shows_output_errors_for_the_activation_aware_init(smol_tokenizer):
+    from dashboard import plots
+    from model.conversion.analysis import convert_steps
+    from model.data.answer_store import calibration_texts
+
+    base = tiny_llama(layers=4, vocab=len(smol_tokenizer), seed=2)
+    *_, (_, _, (_, report)) = list(convert_steps(base, smol_tokenizer, num_loops=2, lora_rank=4, lora_init="asvd",
+                                                 calibration_texts=calibration_texts(smol_tokenizer, count=16)))
+    heat = plots.reconstruction_heatmap(report)
+    assert heat.data[0].z[0][0] == report["positions"][0]["output_error"][report["projections"][0]]
+    assert "output error" in heat.layout.title.text
