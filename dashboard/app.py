@@ -445,7 +445,7 @@ def build_app(service: ModelService) -> gr.Blocks:
             note = f"Replayed a trace of **{trace.model.get('name', 'a model')}**: {len(trace.steps)} tokens."
             return (gr.update(value=render.highlighted(trace), color_map=render.colour_map(depth)),
                     render.counters(trace), *_figures(trace), trace.to_dict(), note, render.token_details(trace, None),
-                    render.legend_html(depth), plots.time_breakdown(trace))
+                    render.legend_html(depth), plots.time_breakdown(trace), "", None, None)  # no ghost line, no files
 
         @user_errors
         def load_share(path):
@@ -463,7 +463,7 @@ def build_app(service: ModelService) -> gr.Blocks:
 
         replay_btn.click(replay, [replay_file],
                          [tokens, counters, depth_plot, heatmap, compute_plot, kv_plot, hist_plot, trace_state, status,
-                          details, legend, time_plot], api_name="replay_trace")
+                          details, legend, time_plot, ghost_line, trace_file, share_file], api_name="replay_trace")
 
         @gpu
         @user_errors

@@ -226,6 +226,7 @@ def test_a_downloaded_trace_replays_every_live_view_without_a_model(app, tmp_pat
     assert replayed[0]["value"] == live[0]  # the coloured tokens (an update that also sets the colours)
     assert replayed[1] == live[1] and "Replayed" in replayed[7]  # the counters, the status line
     assert [json.loads(replayed[i]["plot"]) == json.loads(live[i]["plot"]) for i in range(2, 7)] == [True] * 5
+    assert replayed[-3:] == ("", None, None)  # an earlier run's ghost line and files do not stay beside the replay
     bad = tmp_path / "not-a-trace.json"
     bad.write_text('{"prompt": "hi", "steps": "many"}')
     with pytest.raises(Exception, match="not a trace"):
