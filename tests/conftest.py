@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama models (fast) and the real SmolLM2 default (session-cached)."""
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -11,6 +12,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.inference.policies import DepthPolicy
+
+# Exactness tests compare against transformers in fp32: no automatic bf16 / compile choice in tests
+# (model.inference.numerics; tests/test_numerics.py asks for the choice explicitly). Subprocesses inherit it.
+os.environ["LAB_NUMERICS"] = "fp32"
 
 
 def tiny_llama(layers: int = 6, vocab: int = 256, seed: int = 0, **overrides) -> LlamaForCausalLM:

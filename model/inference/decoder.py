@@ -165,6 +165,7 @@ class AdaptiveDecoder:
         self.waiting: list[WaitingToken] = []
         self.token: TokenInFlight | None = None
         self.calibration_flops = 0.0  # FREE: heads run on caught-up tokens to label calibration pairs
+        self.runner = None  # a ``BlockRunner`` that runs the segments instead of the library's layers (compiled)
         if hasattr(policy, "begin_sequence"):
             policy.begin_sequence()
 
@@ -213,6 +214,8 @@ class AdaptiveDecoder:
         """Run one segment through its layer positions with the library's decoder layers: (m, d)."""
         if not seg.layer_positions:
             return seg.hidden
+        if self.runner is not None:
+            return self.runner.run([seg])[0]
         x = seg.hidden[None]
         pos_ids = torch.tensor([seg.token_positions], device=self.device)
         mask = None

@@ -22,6 +22,7 @@ from model.inference.decoder import AdaptiveDecoder, as_recursive
 from model.errors import EngineInputError
 from model.definition.modeling import RecursiveForCausalLM
 from model.inference.policies import DepthPolicy, FixedDepth
+from model.inference.numerics import compiled_runner, model_in, resolve
 from model.inference.prompts import encode_prompt
 from model.inference.trace import GenerationTrace, TokenStep
 
@@ -65,7 +66,7 @@ class Stream:
                  max_new_tokens: int = 64, kv_mode: str = "sync", max_loops: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int = 0, chat: bool = False, stop: list[str] | None = None, inspect: bool = False,
-                 model_name: str | None = None, max_prompt_tokens: int | None = None):
+                 model_name: str | None = None, max_prompt_tokens: int | None = None, numerics=None):
         model = as_recursive(model)
         policy = policy or FixedDepth(model.config.num_loops)
         self.sampling = Sampling(temperature, top_p, repetition_penalty, seed)
@@ -77,7 +78,12 @@ class Stream:
         limit = max_prompt_tokens or (model.config.max_position_embeddings - max_new_tokens)
         if len(self.prompt_ids) > limit:
             raise EngineInputError(f"the prompt has {len(self.prompt_ids)} tokens; at most {limit} fit")
-        self.decoder = AdaptiveDecoder(model, policy, kv_mode, max_loops, inspect, tokenizer)
+        # the dtype this machine runs batch-1 decode fastest in (``numerics``; "fp32" forces today's path)
+        choice = resolve(model, numerics)
+        run_model = model_in(model, choice.dtype_for(1)) if choice is not None else model
+        self.decoder = AdaptiveDecoder(run_model, policy, kv_mode, max_loops, inspect, tokenizer)
+        if choice is not None and choice.compiled:
+            self.decoder.runner = compiled_runner(run_model)
         self.max_new_tokens = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -86,7 +92,9 @@ class Stream:
                     "repetition_penalty": repetition_penalty, "seed": seed, "chat": chat,
                     "inspect": inspect, "stop": self.stop}
         self.trace = GenerationTrace(prompt=prompt, prompt_tokens=len(self.prompt_ids), settings=settings,
-                                     model=describe_model(model, model_name))
+                                     model=describe_model(run_model, model_name))
+        if choice is not None:
+            self.trace.numerics = choice.header(run_model.dtype, "solo")
         if model.config.training is None and model.config.num_loops > 1:
             self.trace.notes.append("untrained conversion: early exits of a converted model are poor until it is "
                                     "trained (intermediate loops disagree with the last one for most tokens)")

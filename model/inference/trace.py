@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from model.errors import TraceFormatError
 
-TRACE_SCHEMA = 1  # version of the JSON layout below; traces written before it had none (read as 1)
+TRACE_SCHEMA = 2  # version of the JSON layout below; traces written before it had none (read as 1)
+READABLE_SCHEMAS = (1, 2)  # 2 added ``numerics`` (dtype, threads, compiled: how this machine ran it)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class GenerationTrace:
     prefill: dict = field(default_factory=dict)  # {"tokens", "flops", "wall_ms"}
     finish_reason: str | None = None  # "eos", "length", "stop", "cancelled"
     notes: list[str] = field(default_factory=list)
+    numerics: dict = field(default_factory=dict)  # dtype, threads, compiled, where the choice came from (schema 2)
 
     @property
     def text(self) -> str:
@@ -156,16 +158,18 @@ class GenerationTrace:
         """The trace ``to_dict`` wrote; ``TraceFormatError`` names the first thing that does not fit."""
         if not isinstance(d, dict):
             raise TraceFormatError(f"a trace is a JSON object, not a {type(d).__name__}")
-        if d.get("schema", TRACE_SCHEMA) != TRACE_SCHEMA:
+        if d.get("schema", 1) not in READABLE_SCHEMAS:
             raise TraceFormatError(f"trace schema {d.get('schema')!r} is not supported (this version reads "
-                                   f"{TRACE_SCHEMA})")
+                                   f"{', '.join(map(str, READABLE_SCHEMAS))})")
         for key, kind in (("prompt", str), ("prompt_tokens", int), ("settings", dict), ("model", dict),
                           ("steps", list)):
             if not isinstance(d.get(key), kind):
                 raise TraceFormatError(f"the trace's {key!r} is missing or not a {kind.__name__}")
         steps = [_step_from_dict(i, s) for i, s in enumerate(d["steps"])]
+        if not isinstance(d.get("numerics", {}), dict):
+            raise TraceFormatError("the trace's 'numerics' is not an object")
         keep = {k: d[k] for k in ("prompt", "prompt_tokens", "settings", "model", "prefill",
-                                  "finish_reason", "notes") if k in d}
+                                  "finish_reason", "notes", "numerics") if k in d}
         return cls(**keep, steps=steps)
 
     @classmethod

@@ -49,6 +49,7 @@ from model.inference.compute import CostModel, LayerCosts
 from model.inference.decoder import KV_MODES, AdaptiveDecoder, Segment, as_recursive
 from model.errors import EngineInputError
 from model.inference.generation import choose_token, describe_model, eos_token_ids
+from model.inference.numerics import model_in, resolve
 from model.definition.modeling import RecursiveForCausalLM
 from model.inference.policies import DepthPolicy, FixedDepth
 from model.inference.trace import GenerationTrace, TokenStep
@@ -151,18 +152,25 @@ class BatchEngine:
     def __init__(self, model, tokenizer=None, strategy: str = "cdb", max_requests: int = 16,
                  max_batch_tokens: int = 512, prefill_chunk: int = 64, max_queue: int = 256,
                  device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                 model_name: str | None = None, keep_log: bool = True, keep_results: bool = True):
+                 model_name: str | None = None, keep_log: bool = True, keep_results: bool = True,
+                 numerics=None):
         model = as_recursive(model)
         if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if device is not None:
             model = model.to(device)
+        # an fp32 model runs in the dtype this machine runs this engine's batch fastest in (``numerics``,
+        # a copy of the weights: the caller's model is not changed); "fp32" forces today's path
+        self.numerics = resolve(model, numerics) if dtype is None else None
+        if self.numerics is not None:
+            model = model_in(model, self.numerics.dtype_for(max_requests))
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.config
         self.strategy = strategy
         self.scheduler = Scheduler(strategy, max_requests, max_batch_tokens, prefill_chunk, max_queue)
-        self.runner = BlockRunner(model)
+        self.runner = BlockRunner(model, compile=self.numerics is not None and self.numerics.compiled)
+        self.numerics_header = self.numerics.header(model.dtype, "engine") if self.numerics is not None else {}
         self.layer_costs = LayerCosts(CostModel.from_model(model))
         self.model_desc = describe_model(model, model_name)
         self.keep_log = keep_log  # a server turns both off: they grow with every step / request
@@ -206,6 +214,7 @@ class BatchEngine:
             state.trace.notes.append("untrained conversion: early exits of a converted model are poor until it "
                                      "is trained")
         state.trace.settings["strategy"] = self.strategy
+        state.trace.numerics = dict(self.numerics_header)
         self.scheduler.add(state)
         self._states[request.request_id] = state
         return request.request_id

@@ -28,9 +28,15 @@ class BlockRunner:
     position. It reads the same weights and costs G times the LoRA FLOPs, so it is used up to
     ``grouped_max_rows`` rows, where the per-position matmuls are dominated by call overhead. Off by
     default: on the 2-core CPU it was not faster (benchmarks/mixed_loops.py, docs/RESULTS.md).
+
+    ``compile``: a call whose segments all run one position per layer runs the layer's dense parts (norm +
+    q/k/v projections; o projection + norm + MLP) as ``torch.compile``d functions of the weights, dynamic
+    in the row count, so all positions share one graph; attention and the caches stay eager (a compiled
+    ``DynamicCache`` update recompiles for every cache size). Chosen per machine (``numerics``); not exact.
     """
 
-    def __init__(self, model: RecursiveForCausalLM, grouped_lora: bool = False, grouped_max_rows: int = 64):
+    def __init__(self, model: RecursiveForCausalLM, grouped_lora: bool = False, grouped_max_rows: int = 64,
+                 compile: bool = False):
         self.inner = model.model
         self.cfg = model.config
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.cfg._attn_implementation, eager_attention_forward)
@@ -40,6 +46,10 @@ class BlockRunner:
         self.model_s = 0.0  # time inside the layer maths (projections, norms, attention): not overhead
         self.grouped_lora, self.grouped_max_rows = grouped_lora, grouped_max_rows
         self._stacks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (positions, projection) -> [A..], [B..]
+        self.compiled = compile
+        if compile:
+            self._qkv_c = torch.compile(self._qkv_dense, dynamic=True)
+            self._out_c = torch.compile(self._out_dense, dynamic=True)
 
     @staticmethod
     def _position_params(layer) -> dict:
@@ -141,15 +151,46 @@ class BlockRunner:
                                  torch.cat([b for _, b in factors], dim=1).detach())
         return self._stacks[key]
 
+    # --- compiled dense parts (one position for all rows): pure functions of the weights ---------------
+    def _weights(self, p: int, names) -> tuple:
+        params = self.params[p]
+        return tuple((params["shared"][n].weight, params["shared"][n].bias) + (params["lora"][n] or (None, None))
+                     for n in names)
+
+    @staticmethod
+    def _linear(x, w) -> torch.Tensor:
+        weight, bias, a, b = w
+        y = F.linear(x, weight, bias)
+        return y if a is None else y + F.linear(F.linear(x, a), b)
+
+    def _rms(self, x, weight) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _qkv_dense(self, x, norm, wq, wk, wv):
+        h = self._rms(x, norm)
+        return self._linear(h, wq), self._linear(h, wk), self._linear(h, wv)
+
+    def _out_dense(self, attn, residual, norm, wo, wg, wu, wd):
+        x = residual + self._linear(attn, wo)
+        h = self._rms(x, norm)
+        return x + self._linear(self.act(self._linear(h, wg)) * self._linear(h, wu), wd)
+
     def _layer(self, x, positions, segs, bounds, cos, sin) -> torch.Tensor:
         groups = self._groups(positions, bounds)
         n, e = x.shape[0], self.cfg.head_dim
         select = {} if self._grouped(groups, n) else None  # grouped-LoRA masks by rank, built on first use
+        dense = self.compiled and len(groups) == 1
         residual = x
-        h = self._norm(x, groups, "input_norm")
-        q = self._project(h, groups, "q_proj", select).view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
-        k = self._project(h, groups, "k_proj", select).view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
-        v = self._project(h, groups, "v_proj", select).view(n, -1, e).transpose(0, 1)[None]
+        if dense:
+            p = groups[0][0]
+            q, k, v = self._qkv_c(x, self.params[p]["input_norm"], *self._weights(p, ("q_proj", "k_proj", "v_proj")))
+        else:
+            h = self._norm(x, groups, "input_norm")
+            q, k, v = (self._project(h, groups, name, select) for name in ("q_proj", "k_proj", "v_proj"))
+        q = q.view(n, -1, e).transpose(0, 1)[None]  # (1, H, N, e)
+        k = k.view(n, -1, e).transpose(0, 1)[None]  # (1, Hkv, N, e)
+        v = v.view(n, -1, e).transpose(0, 1)[None]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         outs = []
         for i, seg in enumerate(segs):
@@ -159,6 +200,9 @@ class BlockRunner:
             mask = None if b - a == 1 else causal_mask(b - a, keys.shape[2], x.dtype, x.device)
             out, _ = self.attention(attn, q[:, :, a:b], keys, values, mask, dropout=0.0, scaling=attn.scaling)
             outs.append(out.reshape(b - a, -1))  # (m, H*e)
+        if dense:
+            return self._out_c(torch.cat(outs, dim=0), residual, self.params[p]["post_norm"],
+                               *self._weights(p, ("o_proj", "gate_proj", "up_proj", "down_proj")))
         h = self._project(torch.cat(outs, dim=0), groups, "o_proj", select)
         x = residual + h
         residual = x
