@@ -65,6 +65,12 @@ def test_the_decision_takes_the_cheaper_dtype_per_shape_with_a_margin_for_fp32()
     assert choice.dtype_for(1) == torch.float32 and choice.dtype_for(16) == torch.float32
     insane = numerics._decide(ms, shapes, variants, 2, 0.5, None, {}, 0.0, 0.05)  # bf16 changes the argmax
     assert set(insane.dtypes.values()) == {"float32"}
+    cpu = {**ms, "batch8/float32/t1": 20.0, "batch8/bfloat16/t1": 10.0}  # the CPU-time clock disagrees
+    on_cpu = numerics._decide(ms, shapes, variants, 2, 0.95, None, {"device": "cpu"}, 0.0, 0.05, cpu)
+    assert on_cpu.dtypes["batch8"] == "bfloat16" and on_cpu.cpu_ms == cpu  # at 1 thread on a CPU: CPU time
+    mixed = numerics.NumericsChoice({"decode": "float32", "batch8": "bfloat16", "batch32": "float32"}, 1)
+    assert mixed.dtype_for(8) == torch.float32  # an engine runs bf16 only if it won at every batch shape
+    assert numerics.NumericsChoice({"decode": "float32", "batch8": "bfloat16"}, 1).dtype_for(8) == torch.bfloat16
 
 
 def test_forcing_fp32_is_todays_path_bit_for_bit(smol_rec, smol_tokenizer):

@@ -12,7 +12,7 @@ exact, and the timings of a shared machine are noisy) and its next-token argmax 
 
 The KV cache holds one dtype (the cache concatenates new keys onto old ones; attention needs q, k, v
 alike), so each path runs one dtype for a whole sequence: solo generation (prefill included) the decode
-choice, the batching engine the choice at its batch size. ``LAB_NUMERICS``: ``auto`` (default), ``fp32``
+choice, the batching engine bf16 only if bf16 won at every batch shape (its steps range over row counts). ``LAB_NUMERICS``: ``auto`` (default), ``fp32``
 (force today's exact fp32 path; the tests set it), ``bf16``. ``LAB_COMPILE=1`` also times a compiled
 ``BlockRunner`` (~10 s of compiling on the CPU, and not faster there: off by default) and keeps it only
 where it wins.
@@ -61,11 +61,12 @@ class NumericsChoice:
     key: str = ""
 
     def dtype_for(self, rows: int = 1) -> torch.dtype:
-        """Solo decode (1 row), or the measured batch shape nearest ``rows``."""
-        if rows <= 1 or not any(s.startswith("batch") for s in self.dtypes):
+        """Solo decode (1 row), or a batching engine (``rows`` > 1): its steps range over many row counts, so
+        it runs bf16 only where bf16 won at every measured batch shape."""
+        batches = {d for s, d in self.dtypes.items() if s.startswith("batch")}
+        if rows <= 1 or not batches:
             return DTYPES[self.dtypes.get("decode", "float32")]
-        batch = min((s for s in self.dtypes if s.startswith("batch")), key=lambda s: abs(int(s[5:]) - rows))
-        return DTYPES[self.dtypes[batch]]
+        return DTYPES["bfloat16" if batches == {"bfloat16"} else "float32"]
 
     def header(self, dtype: torch.dtype, path: str) -> dict:
         """What a trace records: the dtype this generation ran in and where the choice came from."""
@@ -270,10 +271,9 @@ def measure(model, batch_rows: tuple[int, ...] = (8, 32), prefill_tokens: int = 
             break
     torch.set_num_threads(START_THREADS)
     name = lambda s, v: f"{s}/{v[0]}/t{v[1]}{'/compiled' if v[2] else ''}"  # noqa: E731
-    choice = _decide({name(*k): min(t) for k, t in times.items() if t}, shapes, variants, cfg.num_loops, agreement,
-                     compile_s, machine_info(device), time.perf_counter() - start, margin)
-    choice.cpu_ms = {name(*k): statistics.median(t) for k, t in cpu.items() if t}
-    return choice
+    cpu_ms = {name(*k): statistics.median(t) for k, t in cpu.items() if t}
+    return _decide({name(*k): min(t) for k, t in times.items() if t}, shapes, variants, cfg.num_loops, agreement,
+                   compile_s, machine_info(device), time.perf_counter() - start, margin, cpu_ms)
 
 
 def _fork(cache, last: int):
@@ -296,15 +296,18 @@ def _timed(fn, threads: int, device: torch.device) -> tuple[float, float]:
     return 1000 * (time.perf_counter() - t0), 1000 * (time.process_time() - c0)
 
 
-def _decide(ms, shapes, variants, loops, agreement, compile_s, machine, seconds, margin) -> NumericsChoice:
+def _decide(ms, shapes, variants, loops, agreement, compile_s, machine, seconds, margin, cpu_ms=None
+            ) -> NumericsChoice:
     """Per shape the cheaper dtype at the chosen threads; bf16 (or compiled) only if numerically sane and
-    ``margin`` faster per token than fp32 eager; threads and compiled by the geometric mean over shapes."""
+    ``margin`` faster per token than fp32 eager; threads and compiled by the geometric mean over shapes.
+    On a CPU at 1 thread the dtype is chosen by CPU time (the work a call needs, whatever else runs);
+    thread counts are compared by wall time."""
     def key(shape, v):
         return f"{shape}/{v[0]}/t{v[1]}{'/compiled' if v[2] else ''}"
 
-    def per_token(shape, v):  # full depth: loops x block + head (prefill: per chunk)
-        cost = ms[key(shape, v)] * (1 if shape == "prefill" else loops) + (0 if shape == "prefill"
-                                                                            else ms[key("head", v)])
+    def per_token(shape, v, clock=ms):  # full depth: loops x block + head (prefill: per chunk)
+        cost = clock[key(shape, v)] * (1 if shape == "prefill" else loops) + (0 if shape == "prefill"
+                                                                               else clock[key("head", v)])
         return cost if v == ("float32", v[1], False) else cost * (1 + margin)  # fp32 eager: the exact path
 
     sane = agreement is None or agreement >= 0.75
@@ -313,9 +316,12 @@ def _decide(ms, shapes, variants, loops, agreement, compile_s, machine, seconds,
     best: dict = {}
     for t, c in sorted({(v[1], v[2]) for v in usable}):
         options = [v for v in usable if (v[1], v[2]) == (t, c)]
-        picks = {s: min(options, key=lambda v: per_token(s, v)) for s in work}
+        by_cpu = t == 1 and machine.get("device") == "cpu" and cpu_ms and all(
+            key(s, v) in cpu_ms for s in shapes for v in options)
+        picks = {s: min(options, key=lambda v: per_token(s, v, cpu_ms if by_cpu else ms)) for s in work}
         score = statistics.geometric_mean([per_token(s, picks[s]) for s in work])
         if not best or score < best["score"]:
             best = {"score": score, "picks": picks, "threads": t, "compiled": c}
     return NumericsChoice({s: v[0] for s, v in best["picks"].items()}, best["threads"], best["compiled"], ms,
-                          machine=machine, agreement=agreement, compile_s=compile_s, measured_s=seconds)
+                          cpu_ms=cpu_ms or {}, machine=machine, agreement=agreement, compile_s=compile_s,
+                          measured_s=seconds)

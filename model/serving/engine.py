@@ -159,8 +159,8 @@ class BatchEngine:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if device is not None:
             model = model.to(device)
-        # an fp32 model runs in the dtype this machine runs this engine's batch fastest in (``numerics``,
-        # a copy of the weights: the caller's model is not changed); "fp32" forces today's path
+        # an fp32 model runs in the dtype this machine runs batched calls fastest in (``numerics``, on a
+        # copy of the weights: the caller's model is not changed); "fp32" forces today's path
         self.numerics = resolve(model, numerics) if dtype is None else None
         if self.numerics is not None:
             model = model_in(model, self.numerics.dtype_for(max_requests))
@@ -361,9 +361,9 @@ class BatchEngine:
             if coda:
                 state.token.timed("catchup", started)
         started = time.perf_counter()
-        exited = self._decide(deciding)
+        exited, headed = self._decide(deciding)
         for state in deciding:
-            state.token.timed("decision", started)
+            state.token.timed(state.dec.head_time_component(state in headed, state in exited), started)
         for item, state in zip(items, work):
             item.head = state in exited
         return exited
@@ -388,9 +388,10 @@ class BatchEngine:
         if not state.prefill_left:
             state.trace.prefill["wall_ms"] = 1000 * (self.now() - state.prefill_started_s)
 
-    def _decide(self, deciding: list[RequestState]) -> list[RequestState]:
+    def _decide(self, deciding: list[RequestState]) -> tuple[list[RequestState], list[RequestState]]:
         """Exit decisions after this step's loop: each decoder observes its token; coda + norm + head
-        run batched for the ones that asked for logits (probes, ``inspect``, exits); then each decides."""
+        run batched for the ones that asked for logits (probes, ``inspect``, exits); then each decides.
+        Returns the states that exit and the states that ran the head."""
         headed = [state for state in deciding if state.dec.observe()]
         logits: dict[str, torch.Tensor] = {}
         if headed:
@@ -399,7 +400,7 @@ class BatchEngine:
             rows = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
             self.head_s += time.perf_counter() - t0
             logits = {state.id: rows[i] for i, state in enumerate(headed)}
-        return [state for state in deciding if state.dec.decide(logits.get(state.id))]
+        return [state for state in deciding if state.dec.decide(logits.get(state.id))], headed
 
     def _full_token(self, context: int) -> float:
         """``CostModel.full_token`` (all positions + head), from the cached affine layer costs."""
