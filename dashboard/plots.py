@@ -219,7 +219,8 @@ def threshold_lab(view: dict | None, trace: GenerationTrace | None = None) -> go
 
 
 TIME_LABELS = {"prefill": "prefill", "block": "block loops", "catchup": "FREE catch-up", "decision": "exit decisions",
-               "kv": "KV of skipped loops", "sampling": "sampling + detokenisation"}
+               "head": "emitted head", "inspect": "top-5 per loop (display)", "kv": "KV of skipped loops",
+               "sampling": "sampling + detokenisation"}
 FLOP_GROUPS = {"block loops": [c for c in LAYER_COMPONENTS if c not in ("catchup", "kv_copy")],
                "FREE catch-up": ["catchup"], "exit decisions": ["decision"], "KV of skipped loops": ["kv_copy"],
                "emitted head": ["head"]}
@@ -234,16 +235,17 @@ def time_breakdown(trace: GenerationTrace | None) -> go.Figure:
         for component in TIME_COMPONENTS:
             times[component] = sum(s.time_ms.get(component, 0.0) for s in trace.steps)
         flops = {g: sum(s.flops.get(c, 0.0) for s in trace.steps for c in comps) for g, comps in FLOP_GROUPS.items()}
-        flops = {"prefill": trace.prefill.get("flops", 0.0), **flops}
+        flops = {"prefill": trace.prefill.get("flops", 0.0), **flops,
+                 TIME_LABELS["inspect"]: sum(s.inspected_flops for s in trace.steps)}
         total_t, total_f = sum(times.values()) or 1.0, sum(flops.values()) or 1.0
-        palette = ["#BBBBBB", "#2A788E", "#7AD151", "#EE6677", "#FDE725", "#414487"]
-        for i, (key, label) in enumerate(TIME_LABELS.items()):
+        palette = ["#BBBBBB", "#2A788E", "#7AD151", "#EE6677", "#999999", "#CCBB44", "#FDE725", "#414487"]
+        colour = dict(zip(TIME_LABELS.values(), palette))  # one colour per component on both bars
+        for key, label in TIME_LABELS.items():
             fig.add_bar(y=["wall-clock (measured)"], x=[100 * times[key] / total_t], name=label, orientation="h",
-                        marker_color=palette[i], legendgroup=label, hovertext=[f"{times[key]:.0f} ms"])
-        for i, (label, value) in enumerate(flops.items()):
+                        marker_color=colour[label], legendgroup=label, hovertext=[f"{times[key]:.0f} ms"])
+        for label, value in flops.items():
             fig.add_bar(y=["FLOPs (counted)"], x=[100 * value / total_f], name=label, orientation="h",
-                        marker_color=palette[i] if label in TIME_LABELS.values() or label == "prefill" else "#999999",
-                        legendgroup=label, showlegend=label not in TIME_LABELS.values() and label != "prefill",
+                        marker_color=colour.get(label, "#555555"), legendgroup=label, showlegend=label not in colour,
                         hovertext=[f"{value / 1e9:.2f} GFLOP"])
     fig.update_layout(barmode="stack", title="Where the time goes (share of the run, %)", xaxis_title="%",
                       **{**LAYOUT, "height": 260, "legend": dict(orientation="h", y=-0.45)})

@@ -201,9 +201,10 @@ class AdaptiveDecoder:
                 self.calibrate(self.run(coda))
                 tok.timed("catchup", t)
                 t = time.perf_counter()
-            logits = self.head_logits(self.run(self.head_segment()))[-1] if self.observe() else None
+            headed = self.observe()
+            logits = self.head_logits(self.run(self.head_segment()))[-1] if headed else None
             stop = self.decide(logits)
-            tok.timed("decision", t)
+            tok.timed(self.head_time_component(headed, stop), t)
             t = time.perf_counter()
             if stop:
                 self.finish_token()
@@ -319,6 +320,16 @@ class AdaptiveDecoder:
             for p in cfg.coda_positions:  # the probe's coda KV: undone, the token goes on
                 self.cache.layers[p].crop(-1)
         return tok.stop
+
+    def head_time_component(self, headed: bool, stop: bool) -> str:
+        """Where the wall-clock of ``observe`` + coda/head + ``decide`` goes (as the FLOP ledger counts it):
+        an exit probe or a cheap signal is "decision"; the head of the token that exits is its emitted path
+        ("head"); a head run only to show the per-loop candidates (``inspect``) is "inspect"."""
+        if not headed:
+            return "decision"
+        if stop:
+            return "head"
+        return "decision" if self.policy.needs_logits else "inspect"
 
     def finish_token(self) -> TokenInFlight:
         """The exited token: its emitted path's cost, the KV of the loops it skipped, FREE's labels."""

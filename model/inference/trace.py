@@ -63,7 +63,9 @@ class TokenStep:
 # finished (their coda), exit decisions (router / halting / probes: coda + norm + head), the KV of skipped
 # loops (copy mode) and FREE's bookkeeping, sampling + detokenisation. In the batching engine a token
 # waits for whole shared calls: its "block" is the calls it rode in, whoever else was in them.
-TIME_COMPONENTS = ("block", "catchup", "decision", "kv", "sampling")
+# block loops, FREE catch-up, exit decisions (probes, halting, cosine, router), the exited token's own coda +
+# head, heads run only to show per-loop candidates, KV of skipped loops, sampling + detokenisation
+TIME_COMPONENTS = ("block", "catchup", "decision", "head", "inspect", "kv", "sampling")
 
 # FLOP components that are decoder-layer work (the rest: "head" for the emitted token, "decision")
 LAYER_COMPONENTS = ("attn_proj", "attn_context", "mlp", "lora", "norm", "catchup", "kv_copy")

@@ -361,9 +361,9 @@ class BatchEngine:
             if coda:
                 state.token.timed("catchup", started)
         started = time.perf_counter()
-        exited = self._decide(deciding)
+        exited, headed = self._decide(deciding)
         for state in deciding:
-            state.token.timed("decision", started)
+            state.token.timed(state.dec.head_time_component(state in headed, state in exited), started)
         for item, state in zip(items, work):
             item.head = state in exited
         return exited
@@ -388,9 +388,10 @@ class BatchEngine:
         if not state.prefill_left:
             state.trace.prefill["wall_ms"] = 1000 * (self.now() - state.prefill_started_s)
 
-    def _decide(self, deciding: list[RequestState]) -> list[RequestState]:
+    def _decide(self, deciding: list[RequestState]) -> tuple[list[RequestState], list[RequestState]]:
         """Exit decisions after this step's loop: each decoder observes its token; coda + norm + head
-        run batched for the ones that asked for logits (probes, ``inspect``, exits); then each decides."""
+        run batched for the ones that asked for logits (probes, ``inspect``, exits); then each decides.
+        Returns the states that exit and the states that ran the head."""
         headed = [state for state in deciding if state.dec.observe()]
         logits: dict[str, torch.Tensor] = {}
         if headed:
@@ -399,7 +400,7 @@ class BatchEngine:
             rows = self.model.lm_head(self.model.model.norm(hidden))  # (n, V)
             self.head_s += time.perf_counter() - t0
             logits = {state.id: rows[i] for i, state in enumerate(headed)}
-        return [state for state in deciding if state.dec.decide(logits.get(state.id))]
+        return [state for state in deciding if state.dec.decide(logits.get(state.id))], headed
 
     def _full_token(self, context: int) -> float:
         """``CostModel.full_token`` (all positions + head), from the cached affine layer costs."""
