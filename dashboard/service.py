@@ -23,6 +23,7 @@ from model import recursify
 from model.io.checkpoint import default_device
 from model.io.default import FALLBACK_CONVERSION
 from model.inference.generation import describe_model, stream
+from model.inference.numerics import resolve as resolve_numerics
 from model.inference.prompts import encode_prompt
 from model.errors import TraceFormatError
 from model.paths import REPO_ROOT, cache_dir
@@ -230,6 +231,7 @@ class ModelService:
         from model.inference.decoder import as_recursive
 
         model = as_recursive(model).to(default_device())
+        resolve_numerics(model)  # dtype / threads measured once per model and machine (cached), not on a first click
         return Loaded(label, model, tok, note, describe_model(model, label))
 
     def _remember(self, loaded: Loaded) -> None:
