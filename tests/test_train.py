@@ -323,41 +323,50 @@ def test_sample_answers_batched_equals_one_at_a_time(tiny_run):
         assert top[: len(answer)] == answer
 
 
-def test_on_policy_rows_hold_whole_student_conversations_and_are_deterministic(tiny_run, answer_rows, chat_prompts):
+def test_on_policy_rows_hold_student_conversations_and_are_deterministic(tiny_run, answer_rows, chat_prompts):
     from model.training.on_policy import OnPolicyRows
 
     tmp, base = tiny_run
     args = uptrain_args(base, tmp / "probe", extra=ON_POLICY)
     calls = []
 
-    def sample(prompts, seeds):  # a stand-in student: 1-3 tokens (< N: every row keeps padding), seed only
+    def sample(prompts, seeds):  # a stand-in student: 1-4 tokens of one value, EOS or not, by the seed only
         calls.append(len(prompts))
-        return [[3 + s % 50] * (1 + s % 3) + ([2] if s % 2 else []) for s in seeds]
+        return [[3 + s % 50] * (1 + s % 4) + ([2] if s % 2 else []) for s in seeds]
 
     def rows_of(progress):
         on_policy = OnPolicyRows(args, progress, sample, eos_id=2)
         batches = training_rows.training_batches(model.data.iter_batches, args, progress, 1, 0, on_policy)
         return [next(batches) for _ in range(8)]  # 4 steps x 2 micro-batches x 2 rows = 16 rows, 4 on-policy
 
-    first, progress = rows_of(run_state.Progress()), None
-    second = rows_of(run_state.Progress())
+    first, second = rows_of(run_state.Progress()), rows_of(run_state.Progress())
     assert all(torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) for a, b in zip(first, second))
+    assert all(a[1] is None or torch.equal(a[1], b[1]) for a, b in zip(first, second))
     assert calls[:4] == calls[4:] and len(calls) == 8  # one generation call per optimizer step
-    masked = [(ids[r], mask[r]) for ids, mask in first if mask is not None for r in range(2) if not mask[r].all()]
-    assert len(masked) == 4  # every on-policy row has padding: the budget reserves N + 1 tokens per answer
-    for ids, mask in masked:
-        real = ids[mask].tolist()
-        assert real[-1] == 2 and not mask[int(mask.sum()):].any()
-        # conversations: a known prompt, then the stand-in answer (one repeated token), then EOS
-        ends = [i for i, t in enumerate(real) if t == 2]
-        for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends):
-            piece = real[start:end]
-            prompt = next(p for p in chat_prompts if tuple(piece[: len(p)]) == p and len(set(piece[len(p):])) == 1)
-            assert 1 <= len(piece) - len(prompt) <= 3
+    sources = [training_rows.row_source(i, args) for i in range(16)]
+    on_policy = [(first[i // 2][0][i % 2], torch.ones(SEQ, dtype=torch.bool) if first[i // 2][1] is None
+                  else first[i // 2][1][i % 2]) for i, s in enumerate(sources) if s == "on_policy"]
+    assert len(on_policy) == 4
+    for ids, mask in on_policy:
+        length = int(mask.sum())
+        assert mask[:length].all() and (ids[length:] == 2).all()  # padding: EOS at the end, masked
+        real = ids[:length].tolist()
+        # conversations back to back: a known prompt, the stand-in answer (one repeated token), EOS; the
+        # last one may be cut by the row's end
+        at, conversations = 0, 0
+        while at < length:
+            prompt = max((p for p in chat_prompts if tuple(real[at: at + len(p)]) == p[: length - at]), key=len)
+            at += len(prompt)
+            answer = real[at: real.index(2, at) if 2 in real[at:] else length]
+            assert len(set(answer)) <= 1 and len(answer) <= 4
+            at += len(answer) + 1
+            conversations += 1
+        assert conversations >= 1
     progress = run_state.Progress()
     rows_of(progress)
     assert progress.on_policy_rows_seen == 4 and progress.on_policy_conversations >= 4
     assert progress.answer_rows_seen == 4 and progress.row == 8
+    assert progress.on_policy_padding == sum(SEQ - int(mask.sum()) for _, mask in on_policy)
 
 
 def test_on_policy_run_resumes_exactly_and_records_provenance(tiny_run, answer_rows, chat_prompts, monkeypatch):

@@ -326,6 +326,7 @@ def validation_ppl(model, rows: int = 2, seq_len: int = 512, ids: torch.Tensor |
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m model.io.default", description="export / build the trained default")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -352,8 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "export":
-        print(json.dumps(export_artifact(args.source, args.out, int8=not args.fp32, block_rank=args.block_rank,
-                                         block_bits=args.block_bits, max_bytes=int(args.max_mb * 2**20)), indent=1))
+        try:
+            check = export_artifact(args.source, args.out, int8=not args.fp32, block_rank=args.block_rank,
+                                    block_bits=args.block_bits, max_bytes=int(args.max_mb * 2**20))
+        except ValueError as err:  # a trained block without --block-rank, or over the size limit
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(json.dumps(check, indent=1))
     elif args.cmd == "export-overlay":
         print(json.dumps(export_overlay(args.source, args.out, args.base), indent=1))
     else:

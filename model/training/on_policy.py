@@ -5,24 +5,29 @@ With ``--on-policy-share P`` (needs ``--answers-share S > 0``) a share ``P`` of 
 the teacher's answers are built from the same train prompts with the *student's* own answers instead: the
 student (full depth, no grad, its weights at the start of the optimizer step) samples up to
 ``--on-policy-tokens N`` new tokens per prompt (temperature / top-p, stop at the end of the chat turn), the
-teacher scores prompt + answer like any other row (forward KL on its logits at every position), and the
+teacher scores prompt + answer like any other row (forward KL on its logits at every position), and any
 padding at the end of the row is masked out of the loss.
 
 Which rows: the answer rows are counted (answer row ``k`` is global row ``n`` with ``k = floor(n * S)``) and
 answer row ``k`` is on-policy when ``rows.answer_row(k, P)``: a pure function of the index, like the mix itself.
 
-One on-policy row = whole conversations ``prompt + answer + EOS`` (the layout of ``answer_store.packed_rows``),
-taken from the deduplicated train prompts in a seeded order per pass while ``len(prompt) + N + 1`` still fits
-the row, so the row's prompts are known before anything is sampled (no conversation is cut; what the answers
-leave free is padding). Each conversation's sample uses its own generator seeded by (run seed, pass,
-position), so a row does not depend on its batch, and the position (``Progress.on_policy_epoch`` /
-``on_policy_prompt``) is saved with every checkpoint: resuming is exact. All on-policy rows of one optimizer
-step are generated in one batched call (left padding, a 4-D mask and per-row positions), once per step, since
-the weights do not change between its micro-batches.
+One on-policy row = conversations ``prompt + answer + EOS`` back to back (the layout of
+``answer_store.packed_rows``), taken from the deduplicated train prompts in a seeded order per pass while
+their planned length ``len(prompt) + N * ANSWER_ESTIMATE + 1`` fits the row; the row is then cut at
+``--seq-len`` (the last answer may lose its end, as packed rows do) or padded. So a row's prompts are known
+before anything is sampled (they depend on prompt lengths only). Each conversation's sample uses its own
+generator seeded by (run seed, pass, position), so a row does not depend on its batch, and the position
+(``Progress.on_policy_epoch`` / ``on_policy_prompt``) is saved with every checkpoint: resuming is exact. All
+on-policy rows of one optimizer step are generated in one batched call (left padding, a 4-D mask and per-row
+positions), since the weights do not change between its micro-batches.
+
+This is GKD's mixed on-/off-policy data with its forward-KL divergence (``--loss reverse_kl`` gives the
+token-level reverse KL on the same rows); MiniLLM's sequence-level policy gradient is not implemented.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,6 +38,10 @@ from model.data.teacher_answers import RowSampler, cut_at_eos, left_padded
 from model.training.run_state import Progress
 
 GENERATION_BATCH = 64  # prompts per batched generation call (sorted by length: little padding)
+# planned answer length as a share of --on-policy-tokens: budgeting the worst case (1.0) left 45 % of the
+# on-policy rows as padding in the CPU smoke run (the default's answers averaged 72 of 128 tokens); 0.5 left
+# 5 %, at the price of 19 % of the sampled tokens falling past a row's end (docs/TRAINING.md)
+ANSWER_ESTIMATE = 0.5
 
 
 @dataclass(frozen=True)
@@ -139,10 +148,10 @@ class OnPolicyRows:
         self.settings = OnPolicySettings.from_args(args)
         self.seq_len, self.seed, self.progress, self.sample, self.eos_id = args.seq_len, args.seed, progress, sample, eos_id
         self.prompts = train_prompts() if prompts is None else prompts
-        self.cost = [len(p) + self.settings.max_new_tokens + 1 for p in self.prompts]  # worst case: answer + EOS
-        if not any(c <= self.seq_len for c in self.cost):
-            raise ValueError(f"no train prompt fits a row of {self.seq_len} tokens with --on-policy-tokens "
-                             f"{self.settings.max_new_tokens}")
+        answer = math.ceil(self.settings.max_new_tokens * ANSWER_ESTIMATE)
+        self.cost = [len(p) + answer + 1 for p in self.prompts]  # planned: prompt, answer, EOS
+        if not any(len(p) + 2 <= self.seq_len for p in self.prompts):
+            raise ValueError(f"no train prompt leaves room for an answer in a row of {self.seq_len} tokens")
         self.orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -159,14 +168,16 @@ class OnPolicyRows:
                 p.on_policy_epoch, p.on_policy_prompt = p.on_policy_epoch + 1, 0
                 continue
             index = int(order[p.on_policy_prompt])
-            if self.cost[index] > budget:
-                if budget == self.seq_len:  # longer than any row: skipped
-                    p.on_policy_prompt += 1
-                    continue
+            if len(self.prompts[index]) + 2 > self.seq_len:  # no room for an answer in any row: skipped
+                p.on_policy_prompt += 1
+                continue
+            if planned and self.cost[index] > budget:
                 return planned
             planned.append((self.prompts[index], conversation_seed(self.seed, p.on_policy_epoch, p.on_policy_prompt)))
             budget -= self.cost[index]
             p.on_policy_prompt += 1
+            if budget <= 0:
+                return planned
 
     def rows(self, count: int, mine: list[bool]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """``count`` rows in order, as ``(ids, mask)``; only those marked ``mine`` are sampled (the others
@@ -189,8 +200,9 @@ class OnPolicyRows:
                 continue
             row = [t for c, (prompt, _) in enumerate(plan) for t in (*prompt, *answer_body(answers[r, c], self.eos_id),
                                                                         self.eos_id)]
+            self.progress.on_policy_cut += max(0, len(row) - self.seq_len)
+            row = row[: self.seq_len]
             real = len(row)
-            assert real <= self.seq_len, "a planned row overflowed"
             self.progress.on_policy_tokens_sampled += sum(len(answers[r, c]) for c in range(len(plan)))
             self.progress.on_policy_conversations += len(plan)
             self.progress.on_policy_padding += self.seq_len - real

@@ -74,6 +74,7 @@ class Progress:
     on_policy_conversations: int = 0  # conversations in them (this process's rows)
     on_policy_tokens_sampled: int = 0  # answer tokens the student sampled (this process's rows)
     on_policy_padding: int = 0  # masked padding tokens at the end of on-policy rows (this process's rows)
+    on_policy_cut: int = 0  # conversation tokens past the end of their row, left out (this process's rows)
     on_policy_seconds: float = 0.0  # wall-clock spent sampling
     wall_seconds: float = 0.0
     history: list = field(default_factory=list)  # validation records
@@ -187,7 +188,7 @@ def on_policy_provenance(args, progress: Progress) -> dict:
             "tokens_from_on_policy": progress.on_policy_rows_seen * args.seq_len,
             "on_policy_conversations": progress.on_policy_conversations,
             "tokens_sampled_by_student": progress.on_policy_tokens_sampled,
-            "on_policy_padding_tokens": progress.on_policy_padding,
+            "on_policy_padding_tokens": progress.on_policy_padding, "on_policy_cut_tokens": progress.on_policy_cut,
             "on_policy_epoch": progress.on_policy_epoch, "on_policy_prompt": progress.on_policy_prompt,
             "on_policy_sampling": {"max_new_tokens": args.on_policy_tokens, "temperature": args.on_policy_temperature,
                                    "top_p": args.on_policy_top_p, "model": "the student at full depth, no grad, "
