@@ -4,6 +4,9 @@
     python benchmarks/chat_eval.py --models tuned=.cache/runs/chat-ft --json .cache/eval/chat-after.json
     python benchmarks/chat_eval.py --from-json .cache/eval/chat-before.json .cache/eval/chat-after.json \\
         --report docs/RESULTS.md
+    python benchmarks/chat_eval.py --device cuda --batch-size 64 --models teacher default ...   # on a GPU
+
+``--device cuda``: the models run there in fp32 (metrics as on the CPU); the policy sweeps replay on the CPU.
 
 For every model spec (``model.evaluation.evaluate.load_entry``: ``teacher``, ``default``, a run or checkpoint folder):
 
@@ -52,8 +55,8 @@ def padded_attention(keep: torch.Tensor, q_len: int) -> torch.Tensor:
     """Additive ``(B, 1, q_len, kv)`` mask: causal over the last ``q_len`` of ``kv`` keys, padding (``keep``
     False) hidden. A left-padding row's pad queries see nothing (finite minimum, so no NaN)."""
     kv = keep.shape[1]
-    allowed = torch.ones(q_len, kv, dtype=torch.bool).tril(kv - q_len)[None] & keep[:, None, :]
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    allowed = torch.ones(q_len, kv, dtype=torch.bool, device=keep.device).tril(kv - q_len)[None] & keep[:, None, :]
+    return torch.zeros(allowed.shape, device=keep.device).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
 @torch.no_grad()
@@ -63,23 +66,24 @@ def greedy_answers(model, prompts: list[list[int]], new_tokens: int, eos_id: int
     from transformers.cache_utils import DynamicCache
 
     answers: dict[int, list[int]] = {}
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     for start in range(0, len(order), batch_size):
         batch = order[start: start + batch_size]
         ids, keep = TA.left_padded([prompts[i] for i in batch], eos_id)
-        keep = keep.bool()
+        ids, keep = ids.to(device), keep.bool().to(device)
         positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache()
         logits = model(input_ids=ids, position_ids=positions, attention_mask=padded_attention(keep, ids.shape[1]),
                        past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens, done, next_position = [], torch.zeros(len(batch), dtype=torch.bool), positions[:, -1] + 1
+        tokens, done, next_position = [], torch.zeros(len(batch), dtype=torch.bool, device=device), positions[:, -1] + 1
         for step in range(new_tokens):
             token = logits.float().argmax(-1)
             tokens.append(token)
             done |= token == eos_id
             if done.all() or step == new_tokens - 1:
                 break
-            keep = torch.cat([keep, torch.ones(len(batch), 1, dtype=torch.bool)], 1)
+            keep = torch.cat([keep, torch.ones(len(batch), 1, dtype=torch.bool, device=device)], 1)
             logits = model(input_ids=token[:, None], position_ids=next_position[:, None],
                            attention_mask=padded_attention(keep, 1), past_key_values=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
@@ -107,7 +111,7 @@ def evaluate_model(entry: E.Entry, teacher, tokenizer, heldout: list[answer_stor
     subset = heldout[:: args.stride]
     prompts = [a.prompt_ids for a in subset]
     tic = time.time()
-    own = greedy_answers(entry.model, prompts, args.new_tokens, tokenizer.eos_token_id)
+    own = greedy_answers(entry.model, prompts, args.new_tokens, tokenizer.eos_token_id, getattr(args, "batch_size", 16))
     gen_seconds = time.time() - tic
     reference = [a.answer_ids[: args.new_tokens] for a in subset]
     own_ppl, ref_ppl = teacher_ppl(teacher, prompts, own), teacher_ppl(teacher, prompts, reference)
@@ -141,7 +145,7 @@ def evaluate_model(entry: E.Entry, teacher, tokenizer, heldout: list[answer_stor
               "prose_ppl_ratio": geo[-1] / teacher_geo,
               "training": getattr(entry.model.config, "training", None)}
     if args.sweep_tokens and hasattr(entry.model, "parameter_counts") and entry.model.config.num_loops > 1:
-        result["sweeps"] = E.sweeps(entry.model, torch.cat(pooled))
+        result["sweeps"] = E.sweeps(entry.model.to("cpu"), torch.cat(pooled))  # replayed on the CPU
     return result
 
 
@@ -150,13 +154,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.time()
+    device = torch.device(args.device)
     teacher, tokenizer = load_model(args.teacher)
+    teacher.to(device)
     heldout = answer_store.load_answers(HELDOUT_NAME, modes=("greedy",))[: args.conversations]
-    results = {"command": "python benchmarks/chat_eval.py " + " ".join(argv), "device": "CPU",
+    results = {"command": "python benchmarks/chat_eval.py " + " ".join(argv),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                "threads": args.threads, "heldout_conversations": len(heldout),
                "answer_tokens": sum(len(a.answer_ids) for a in heldout), "models": {}}
     for spec in args.models:
         entry = E.load_entry(spec, teacher, args.teacher)
+        entry.model.to(device)
         results["models"][entry.label] = evaluate_model(entry, teacher, tokenizer, heldout, args)
         del entry
     results["wall_seconds"] = time.time() - started
@@ -210,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-tokens", type=int, default=512, help="tokens per set for the policy sweeps (0: none)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the policy sweeps replay on the CPU)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of greedy answers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--from-json", type=Path, nargs="*", default=None, help="render saved results (no model runs)")
     parser.add_argument("--report", type=Path, default=None, help="markdown file whose chat-eval block is replaced")

@@ -12,7 +12,8 @@ sides). Per setting, summed over prompts: block FLOPs saved (the traces' own led
 average depth, share of tokens exiting early, agreement with the same model's full-depth answer (position-wise
 over the longer of the two answers, and the mean common prefix), exactly equal answers, and decode wall-clock
 per token relative to full depth in the same run. The JSON (with per-prompt records) is rewritten after every
-prompt; ``--resume`` continues it.
+prompt; ``--resume`` continues it. ``--candidates "halting 0.7 copy,confidence 0.9 copy"`` measures only those
+settings; ``--device cuda`` decodes there (FLOPs and agreement as on the CPU; the time ratio is the GPU's).
 """
 from __future__ import annotations
 
@@ -69,12 +70,23 @@ def measure(trace) -> dict:
             "wall_s": t["wall_s"], "caught_up": t["caught_up_tokens"]}
 
 
-def summarise(records: list[dict]) -> list[dict]:
+def parse_candidates(text: str | None) -> list[tuple[str, float, str]]:
+    """``"halting 0.7 copy,confidence 0.9 sync"`` -> candidate tuples (None or empty: all of ``CANDIDATES``)."""
+    if not text:
+        return list(CANDIDATES)
+    chosen = []
+    for part in text.split(","):
+        policy, threshold, kv = part.split()
+        chosen.append((policy, float(threshold), kv))
+    return chosen
+
+
+def summarise(records: list[dict], candidates: list[tuple[str, float, str]] = CANDIDATES) -> list[dict]:
     """One row per candidate, summed over prompts; time per token relative to the same prompts' full depth."""
     full_tokens = sum(r["full"]["tokens"] for r in records)
     full_wall = sum(r["full"]["wall_s"] for r in records)  # already the mean of the two bracketing runs
     rows = []
-    for policy, threshold, kv in CANDIDATES:
+    for policy, threshold, kv in candidates:
         ms = [(r["settings"][key(policy, threshold, kv)], r["full"]["ids"]) for r in records]
         n = max(sum(m["tokens"] for m, _ in ms), 1)
         positions = sum(max(len(m["ids"]), len(ref)) for m, ref in ms)
@@ -97,12 +109,13 @@ def result_of(args, records: list[dict], seconds: float, prompts: int) -> dict:
     return {"command": args.command, "model": args.model, "prompts": len(records), "prompts_planned": prompts,
             "stride": args.stride, "new_tokens": args.new_tokens, "threads": args.threads, "seconds": round(seconds),
             "full_ms_per_token": full_ms, "full_runs_identical": all(r["full_identical"] for r in records),
-            "settings": summarise(records), "records": records}
+            "device": args.device, "settings": summarise(records, parse_candidates(args.candidates)), "records": records}
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
+    candidates = parse_candidates(args.candidates)
     held = load_answers(HELDOUT_NAME, modes=("greedy",))[:: args.stride][: args.prompts]
     gen = dict(max_new_tokens=args.new_tokens, repetition_penalty=1.1, chat=True)
     old = json.loads(args.json.read_text()) if args.resume and args.json.exists() else {}
@@ -113,7 +126,7 @@ def run(args) -> dict:
         if i < len(records):  # resumed; the adaptive policy's calibration restarts (noted in the report)
             continue
         prompt = user_text(tokenizer, answer.prompt_ids)
-        order = CANDIDATES if i % 2 == 0 else CANDIDATES[::-1]
+        order = candidates if i % 2 == 0 else candidates[::-1]
         full_a = measure(generate(model, tokenizer, prompt, None, **gen))
         done = {}
         for policy, threshold, kv in order:
@@ -183,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=None, help="at most this many prompts (smoke tests)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--candidates", default=None,
+                        help='comma-separated "policy threshold kv" settings to measure (default: the whole grid)')
     parser.add_argument("--json", type=Path, default=cache_dir() / "eval" / "opening-setting.json")
     parser.add_argument("--resume", action="store_true", help="continue the prompts of an unfinished --json")
     parser.add_argument("--from-json", type=Path, default=None, help="render saved results (no model runs)")

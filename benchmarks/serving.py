@@ -4,13 +4,18 @@
     .venv/bin/python benchmarks/serving.py --model default --requests 64 --arrival offline   # all at t=0
     .venv/bin/python benchmarks/serving.py --requests 16 --arrival offline poisson --rate 2 8 --write-results docs/RESULTS.md
     .venv/bin/python benchmarks/serving.py --device cuda --dtype bfloat16 ...                # on a GPU
+    .venv/bin/python benchmarks/serving.py --concurrency 1 8 32 64 128 --arrival poisson --rate 16 64 \
+        --policy halting --threshold 0.7 --kv-mode copy --device cuda --json serving.json   # issue 17 item 4
 
 Workload: chat prompts (the first user turn of held-out chitchat conversations when the data cache
-has them, else a built-in list), rendered with the chat template; output budgets drawn uniformly
+has them, else the committed ``heldout-chat-answers`` prompts, else a built-in list), rendered with the chat template; output budgets drawn uniformly
 from ``--min-tokens..--max-tokens`` (greedy, EOS honoured). Every strategy of ``model.serving``
 (``cdb``, ``ee_sequence``, ``csb``, ``static``) runs the same workload in the same process, one
 after the other, after a short warm-up of each. Arrivals: ``offline`` (all at once) and ``poisson`` at each
-``--rate`` (requests/s, seeded).
+``--rate`` (requests/s, seeded). ``--concurrency C ...``: closed loop, ``C`` users each sending its next
+request the moment its previous one finished (the engine holds up to ``C``; TTFT counts from each
+request's own submission), ``max(--requests, --per-client x C)`` requests per level; then the arrival runs.
+``--json`` is rewritten after every section, so a run cut short keeps what it measured.
 
 Per strategy: tokens/s, requests/s, time to first token (TTFT) and time per output token (TPOT)
 p50/p95, average depth, block calls, mean items per block call (and occupancy = items /
@@ -39,7 +44,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from model.inference.decoder import KV_MODES  # noqa: E402
+from model.inference.generation import Sampling  # noqa: E402
 from model.serving import STRATEGIES, WorkloadItem, compare_strategies  # noqa: E402
+from model.serving.engine import BatchEngine  # noqa: E402
+from model.serving.requests import Request  # noqa: E402
+from model.serving.workloads import WorkloadResult, workload_metrics  # noqa: E402
 from model.inference.policies import POLICIES, make_policy  # noqa: E402
 from model.serving.server import load_served_model  # noqa: E402
 
@@ -59,8 +68,20 @@ BUILTIN_PROMPTS = (
 )
 
 
-def heldout_chat_prompts(limit: int) -> tuple[list[str], str]:
-    """First user turns of held-out chitchat conversations, or the built-in list (and which one)."""
+def heldout_answer_prompts(tokenizer, limit: int) -> list[str]:
+    """The user turns of the committed ``heldout-chat-answers`` prompts (in the repository, so also on a
+    machine without the data cache)."""
+    from model.data.answer_prompts import HELDOUT_NAME
+    from model.data.answer_store import load_answers
+
+    texts = [tokenizer.decode(a.prompt_ids).split("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+             for a in load_answers(HELDOUT_NAME, modes=("greedy",))]
+    return [t for t in texts if 8 <= len(t) <= 300][:limit]
+
+
+def heldout_chat_prompts(limit: int, tokenizer=None) -> tuple[list[str], str]:
+    """First user turns of held-out chitchat conversations, else the committed held-out chat-answer prompts,
+    else the built-in list (and which one)."""
     try:
         from model.data import chat_messages, heldout_ids_path, read_docs
 
@@ -76,13 +97,20 @@ def heldout_chat_prompts(limit: int) -> tuple[list[str], str]:
         if prompts:
             return prompts, f"held-out chitchat ({len(prompts)} conversations' first turns)"
     except Exception as exc:  # the data cache is optional here
-        log.info("held-out chat prompts unavailable (%s); using the built-in list", exc)
+        log.info("held-out chat prompts unavailable (%s)", exc)
+    try:
+        prompts = heldout_answer_prompts(tokenizer, limit) if tokenizer is not None else []
+        if prompts:
+            return prompts, f"heldout-chat-answers prompts ({len(prompts)})"
+    except Exception as exc:
+        log.info("heldout-chat-answers prompts unavailable (%s)", exc)
+    log.info("using the built-in prompt list")
     return list(BUILTIN_PROMPTS), "built-in prompt list"
 
 
 def make_workload(tokenizer, n: int, min_tokens: int, max_tokens: int, arrival: str, rate: float,
                   seed: int) -> tuple[list[WorkloadItem], str]:
-    prompts, source = heldout_chat_prompts(max(n, 64))
+    prompts, source = heldout_chat_prompts(max(n, 64), tokenizer)
     rng = random.Random(seed)
     t = 0.0
     items = []
@@ -95,6 +123,49 @@ def make_workload(tokenizer, n: int, min_tokens: int, max_tokens: int, arrival: 
             t += rng.expovariate(rate)
         items.append(WorkloadItem(ids, rng.randint(min_tokens, max_tokens), t if arrival == "poisson" else 0.0, text))
     return items, source
+
+
+def run_closed_loop(model, items: list[WorkloadItem], clients: int, strategy: str, tokenizer=None,
+                    policy_factory=lambda: None, kv_mode: str = "sync", max_batch_tokens: int = 512,
+                    prefill_chunk: int = 64, device=None, dtype=None, **_) -> WorkloadResult:
+    """``clients`` closed-loop users over ``items`` (in order): the first ``clients`` requests at t=0, then a
+    new one each time one finishes; the engine holds up to ``clients`` requests. Arrival = submission."""
+    engine = BatchEngine(model, tokenizer, strategy=strategy, max_requests=clients, max_batch_tokens=max_batch_tokens,
+                         prefill_chunk=prefill_chunk, max_queue=max(len(items), 1), device=device, dtype=dtype)
+    arrivals: list[float] = []
+
+    def submit() -> None:
+        i = len(arrivals)
+        it = items[i]
+        arrivals.append(engine.now())
+        engine.submit(Request(prompt_ids=list(it.prompt_ids), max_new_tokens=it.max_new_tokens, policy=policy_factory(),
+                              kv_mode=kv_mode, sampling=Sampling(), request_id=f"r{i}", prompt=it.prompt))
+
+    engine.reset_clock()
+    while len(arrivals) < min(clients, len(items)):
+        submit()
+    while engine.has_work():
+        engine.step()
+        while len(arrivals) < len(items) and len(arrivals) - len(engine.results) < clients:
+            submit()
+    results = [engine.results[f"r{i}"] for i in range(len(items))]
+    return WorkloadResult(strategy, workload_metrics(engine, results, arrivals), results, arrivals, engine.log)
+
+
+def add_ratios(runs: dict[str, WorkloadResult]) -> dict[str, WorkloadResult]:
+    """Tokens/s relative to static batching and greedy agreement with a full-depth strategy (as
+    ``compare_strategies`` adds them)."""
+    base, full = runs.get("static"), runs.get("csb") or runs.get("static")
+    for run in runs.values():
+        m = run.metrics
+        if base is not None and base.metrics["tokens_per_s"]:
+            m["speedup_vs_static"] = m["tokens_per_s"] / base.metrics["tokens_per_s"]
+        if full is not None:
+            pairs = [(a.token_ids, b.token_ids) for a, b in zip(run.results, full.results)]
+            total = sum(min(len(a), len(b)) for a, b in pairs)
+            same = sum(x == y for a, b in pairs for x, y in zip(a, b))
+            m["agreement_with_full_depth"] = same / total if total else None
+    return runs
 
 
 def fmt(v, spec=".1f") -> str:
@@ -135,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, nargs="*", default=[],
+                   help="closed-loop levels: this many concurrent users each (run before the --arrival settings)")
+    p.add_argument("--per-client", type=int, default=2, help="closed loop: requests per user (at least --requests)")
     # engine
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     p.add_argument("--policy", default=None, choices=sorted(POLICIES),
@@ -178,30 +252,44 @@ def main(argv: list[str] | None = None) -> None:
     warm, _ = make_workload(tok, min(4, args.requests), 4, 4, "offline", 1.0, args.seed)
     compare_strategies(model, warm, strategies=args.strategies, **kw)
 
-    settings = [("offline", None)] if "offline" in args.arrival else []
+    settings = [("closed", c) for c in args.concurrency]
+    settings += [("offline", None)] if "offline" in args.arrival else []
     settings += [("poisson", r) for r in args.rate] if "poisson" in args.arrival else []
     sections, dump = [], {}
     t_all = time.perf_counter()
     for arrival, rate in settings:
-        items, source = make_workload(tok, args.requests, args.min_tokens, args.max_tokens, arrival, rate or 1.0,
-                                      args.seed)
-        label = "offline (all at t=0)" if arrival == "offline" else f"Poisson arrivals, {rate:g} req/s"
+        if arrival == "closed":
+            n = max(args.requests, args.per_client * rate)
+            items, source = make_workload(tok, n, args.min_tokens, args.max_tokens, "offline", 1.0, args.seed)
+            label = f"closed loop, {rate} concurrent users ({n} requests)"
+        else:
+            items, source = make_workload(tok, args.requests, args.min_tokens, args.max_tokens, arrival, rate or 1.0,
+                                          args.seed)
+            label = "offline (all at t=0)" if arrival == "offline" else f"Poisson arrivals, {rate:g} req/s"
         log.info("%s: %d requests, strategies %s", label, len(items), args.strategies)
         t0 = time.perf_counter()
-        runs = compare_strategies(model, items, strategies=args.strategies, **kw)
+        if arrival == "closed":
+            runs = add_ratios({s: run_closed_loop(model, items, rate, s, **kw) for s in args.strategies})
+        else:
+            runs = compare_strategies(model, items, strategies=args.strategies, **kw)
         log.info("  done in %.0f s", time.perf_counter() - t0)
-        text = table(runs, args.max_requests)
+        text = table(runs, rate if arrival == "closed" else args.max_requests)
         print(f"\n{label}\n{text}\n", flush=True)
         sections.append(f"**{label}**\n\n{text}")
         dump[label] = {s: r.to_dict() for s, r in runs.items()}
+        if args.json:  # after every section: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"header": "(partial)", "runs": dump}, indent=1))
     elapsed = time.perf_counter() - t_all
     device = args.device or "cpu"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     header = (
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/serving.py'] + [shlex.quote(a) for a in (argv or sys.argv[1:])])}`  \n"
         f"Model: {name}{' (FALLBACK: untrained conversion of smollm2-135m, 3 loops, LoRA r64)' if note else ''}, "
         f"{model.config.num_loops} loops × {model.config.block_size} layers; policy {policy}"
         f"{'' if args.threshold is None else f' {args.threshold}'}, KV mode {args.kv_mode}; "
-        f"max {args.max_requests} requests per batch; workload {args.requests} requests from {source}, "
+        f"max {args.max_requests} requests per batch (closed loop: the level); workload {args.requests} requests "
+        f"from {source}, "
         f"output budgets {args.min_tokens}–{args.max_tokens} tokens (greedy, EOS honoured).  \n"
         f"Machine: {platform.machine()} {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{dt.date.today().isoformat()}; benchmark wall time {elapsed / 60:.1f} min."

@@ -21,6 +21,10 @@ HELDOUT_BELOW = 0.05  # share of prompts held out (by a hash of the prompt text)
 SPLITS = ("train", HELDOUT_NAME)
 MODES = ("greedy", "sampled")
 PROMPT_SOURCES = ("chitchat", "wiki-sample", "sotu")
+# the "extended" pool (issue 13's GPU run: ~100k answers need ~50k prompts) adds these training sources
+EXTENDED_SOURCES = ("gcide", "jargon", "fortunes")
+POOLS = ("base", "extended")
+WORD_SHARE = 0.15  # seeded share of the single-word gcide headwords asked about
 MODERN_SOTU_FROM = 1945  # State of the Union addresses from this year on count as modern prose
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +221,46 @@ def prose_prompts(docs: Iterable[Doc], seed: int = 0, passages_per_doc: int = 4)
                          "continue-prose", doc.source, doc.id)
 
 
+WORD_TEMPLATES = ("What does the word '{word}' mean?", "Use the word '{word}' in a sentence.",
+                  "Explain the meaning of '{word}' in simple terms.", "Give me a synonym for '{word}'.")
+JARGON_TEMPLATES = ("What does '{term}' mean in hacker slang?", "What is '{term}' in computer jargon?")
+QUOTE_TEMPLATES = ("What does this quote mean?\n\n{text}", "Explain this saying in your own words:\n\n{text}",
+                   "Do you agree with this? Why or why not?\n\n{text}")
+
+
+def chat_turn_prompts(docs: Iterable[Doc], max_chars: int = 300) -> Iterator[Prompt]:
+    """Extended pool: the conversation-starter title and every later question turn (ending with '?', at
+    least four words) of each chit-chat training conversation, each as a first user turn."""
+    for doc in training_docs(docs):
+        if doc.title.endswith("?") and len(doc.title) <= max_chars:
+            yield Prompt(doc.title, "chat", doc.source, doc.id)
+        for line in doc.text.split("\n")[1:]:
+            said = line[3:].strip() if line[:3] in ("A: ", "B: ") else ""
+            if said.endswith("?") and len(said.split()) >= 4 and len(said) <= max_chars:
+                yield Prompt(said, "chat", doc.source, doc.id)
+
+
+def word_prompts(docs: Iterable[Doc], seed: int = 0, share: float = WORD_SHARE) -> Iterator[Prompt]:
+    """Extended pool: questions about a seeded ``share`` of the single-word dictionary headwords (gcide) and
+    about every jargon-file term of the training split."""
+    for doc in training_docs(docs):
+        rng = doc_rng(seed, doc.id, "word")
+        if doc.source == "gcide":
+            if re.fullmatch(r"[A-Za-z]{4,}", doc.title) and rng.random() < share:
+                yield Prompt(rng.choice(WORD_TEMPLATES).format(word=doc.title.lower()), "define", doc.source, doc.id)
+        elif doc.source == "jargon" and 2 <= len(doc.title) <= 40:
+            yield Prompt(rng.choice(JARGON_TEMPLATES).format(term=doc.title), "define", doc.source, doc.id)
+
+
+def quote_prompts(docs: Iterable[Doc], seed: int = 0, max_chars: int = 280) -> Iterator[Prompt]:
+    """Extended pool: short fortune-cookie sayings and jokes of the training split, to explain or discuss."""
+    for doc in training_docs(docs):
+        text = "\n".join(line.strip() for line in doc.text.strip().split("\n"))
+        if 20 <= len(text) <= max_chars and re.search(r"[A-Za-z]{3}", text):
+            yield Prompt(doc_rng(seed, doc.id, "quote").choice(QUOTE_TEMPLATES).format(text=text), "quote",
+                         doc.source, doc.id)
+
+
 def dedupe(prompts: Iterable[Prompt]) -> list[Prompt]:
     """First occurrence of each prompt text (by its hash)."""
     seen: dict[str, Prompt] = {}
@@ -225,20 +269,30 @@ def dedupe(prompts: Iterable[Prompt]) -> list[Prompt]:
     return list(seen.values())
 
 
-def build_prompts(docs: Iterable[Doc], seed: int = 0, passages_per_doc: int = 4) -> list[Prompt]:
-    """The whole pool from ``docs`` (any sources; held-out and validation documents are skipped)."""
+def build_prompts(docs: Iterable[Doc], seed: int = 0, passages_per_doc: int = 4, pool: str = "base") -> list[Prompt]:
+    """The whole pool from ``docs`` (any sources; held-out and validation documents are skipped).
+    ``pool="extended"`` appends chit-chat question turns, dictionary/jargon words and short sayings
+    (the base pool comes first, unchanged, so its prompts keep their order)."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown prompt pool {pool!r}; choose from {', '.join(POOLS)}")
     docs = list(docs)
-    pool = dedupe([*chat_prompts(d for d in docs if d.source == "chitchat"),
-                   *topic_prompts((d for d in docs if d.source == "wiki-sample"), seed,
-                                  passages_per_doc=max(1, passages_per_doc - 1)),
-                   *prose_prompts(docs, seed, passages_per_doc)])
-    assert_no_heldout({p.doc_id for p in pool})
-    return pool
+    prompts = [*chat_prompts(d for d in docs if d.source == "chitchat"),
+               *topic_prompts((d for d in docs if d.source == "wiki-sample"), seed,
+                              passages_per_doc=max(1, passages_per_doc - 1)),
+               *prose_prompts(docs, seed, passages_per_doc)]
+    if pool == "extended":
+        prompts += [*chat_turn_prompts(d for d in docs if d.source == "chitchat"),
+                    *word_prompts((d for d in docs if d.source in ("gcide", "jargon")), seed),
+                    *quote_prompts((d for d in docs if d.source == "fortunes"), seed)]
+    pool_list = dedupe(prompts)
+    assert_no_heldout({p.doc_id for p in pool_list})
+    return pool_list
 
 
-def corpus_docs() -> list[Doc]:
+def corpus_docs(pool: str = "base") -> list[Doc]:
     """The extracted documents of the prompt sources (``python -m model.data prepare`` first)."""
-    return [doc for source in PROMPT_SOURCES for doc in read_docs(source)]
+    sources = PROMPT_SOURCES + (EXTENDED_SOURCES if pool == "extended" else ())
+    return [doc for source in sources for doc in read_docs(source)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +318,7 @@ def sample_seed(run_seed: int, key: str) -> int:
 
 
 def kind_group(prompt: Prompt) -> str:
-    return {"chat": "chat", "continue-prose": "prose"}.get(prompt.kind, "topic")
+    return {"chat": "chat", "continue-prose": "prose", "define": "words", "quote": "quotes"}.get(prompt.kind, "topic")
 
 
 def interleave_groups(prompts: Sequence[Prompt], seed: int) -> list[Prompt]:
