@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.evaluation import evaluate as E  # noqa: E402
 from model.data import answer_store  # noqa: E402
-from model.data import teacher_answers as TA  # noqa: E402
 from model.data.answer_prompts import HELDOUT_NAME  # noqa: E402
+from model.training.on_policy import OnPolicySettings, sample_answers  # noqa: E402
 
 log = logging.getLogger("chat_eval")
 
@@ -51,44 +51,17 @@ def prefix_match(answer: list[int], reference: list[int], n: int = MATCH_TOKENS)
     return answer[: len(head)] == head
 
 
-def padded_attention(keep: torch.Tensor, q_len: int) -> torch.Tensor:
-    """Additive ``(B, 1, q_len, kv)`` mask: causal over the last ``q_len`` of ``kv`` keys, padding (``keep``
-    False) hidden. A left-padding row's pad queries see nothing (finite minimum, so no NaN)."""
-    kv = keep.shape[1]
-    allowed = torch.ones(q_len, kv, dtype=torch.bool, device=keep.device).tril(kv - q_len)[None] & keep[:, None, :]
-    return torch.zeros(allowed.shape, device=keep.device).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-
 @torch.no_grad()
 def greedy_answers(model, prompts: list[list[int]], new_tokens: int, eos_id: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy answers at full depth, batched with left padding (a 4-D mask and per-row positions, which
-    the recursive model and HF Llama both take), each cut after its first EOS."""
-    from transformers.cache_utils import DynamicCache
-
+    """Greedy answers at full depth, batched with left padding (``on_policy.sample_answers`` at temperature 0),
+    prompts of similar length together, each cut after its first EOS."""
+    settings = OnPolicySettings(share=0.0, max_new_tokens=new_tokens, temperature=0.0)
     answers: dict[int, list[int]] = {}
-    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     for start in range(0, len(order), batch_size):
         batch = order[start: start + batch_size]
-        ids, keep = TA.left_padded([prompts[i] for i in batch], eos_id)
-        ids, keep = ids.to(device), keep.bool().to(device)
-        positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        logits = model(input_ids=ids, position_ids=positions, attention_mask=padded_attention(keep, ids.shape[1]),
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens, done, next_position = [], torch.zeros(len(batch), dtype=torch.bool, device=device), positions[:, -1] + 1
-        for step in range(new_tokens):
-            token = logits.float().argmax(-1)
-            tokens.append(token)
-            done |= token == eos_id
-            if done.all() or step == new_tokens - 1:
-                break
-            keep = torch.cat([keep, torch.ones(len(batch), 1, dtype=torch.bool, device=device)], 1)
-            logits = model(input_ids=token[:, None], position_ids=next_position[:, None],
-                           attention_mask=padded_attention(keep, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-            next_position = next_position + 1
-        rows = torch.stack(tokens, 1).tolist()
-        answers.update((i, TA.cut_at_eos(row, eos_id)[0]) for i, row in zip(batch, rows))
+        rows = sample_answers(model, [prompts[i] for i in batch], [None] * len(batch), eos_id, settings)
+        answers.update(zip(batch, rows))
     return [answers[i] for i in range(len(prompts))]
 
 
